@@ -1,0 +1,79 @@
+"""Image preprocessing on the accelerator: pure JAX, driven by PRNG keys.
+
+The host ships uint8 batches; everything random happens here, inside the
+jitted train step. Each op has the semantics of the tf.image op it names
+(per image, on 0-255 float pixels, no clipping, as TF 1.x's cifar10_input).
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def random_crop(key, images, size):
+  """tf.image.random_crop to size x size: one uniform offset per image."""
+  n, h, w, c = images.shape
+  key_y, key_x = jax.random.split(key)
+  ys = jax.random.randint(key_y, (n,), 0, h - size + 1)
+  xs = jax.random.randint(key_x, (n,), 0, w - size + 1)
+  crop = lambda im, y, x: lax.dynamic_slice(im, (y, x, 0), (size, size, c))
+  return jax.vmap(crop)(images, ys, xs)
+
+
+def central_crop(images, size):
+  """tf.image.resize_image_with_crop_or_pad when cropping: the centred window."""
+  h, w = images.shape[1:3]
+  top, left = (h - size) // 2, (w - size) // 2
+  return images[:, top:top + size, left:left + size, :]
+
+
+def random_flip_left_right(key, images):
+  """tf.image.random_flip_left_right: each image mirrored with probability 1/2."""
+  flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+  return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def random_brightness(key, images, max_delta):
+  """tf.image.random_brightness: adds one delta ~ U[-max_delta, max_delta) per image."""
+  delta = jax.random.uniform(key, (images.shape[0], 1, 1, 1), images.dtype, -max_delta, max_delta)
+  return images + delta
+
+
+def random_contrast(key, images, lower, upper):
+  """tf.image.random_contrast: (x - channel mean) * f + channel mean, f ~ U[lower, upper)."""
+  factor = jax.random.uniform(key, (images.shape[0], 1, 1, 1), images.dtype, lower, upper)
+  mean = jnp.mean(images, axis=(1, 2), keepdims=True)
+  return (images - mean) * factor + mean
+
+
+def per_image_standardization(images):
+  """tf.image.per_image_standardization: (x - mean) / max(std, 1/sqrt(num_elements))."""
+  num_elements = images.shape[1] * images.shape[2] * images.shape[3]
+  mean = jnp.mean(images, axis=(1, 2, 3), keepdims=True)
+  std = jnp.std(images, axis=(1, 2, 3), keepdims=True)
+  return (images - mean) / jnp.maximum(std, lax.rsqrt(jnp.float32(num_elements)))
+
+
+def preprocess(key, images, cfg, train):
+  """uint8 NHWC batch -> float32 model input, as the config's `augment` block says.
+
+  cfg fields: crop_size (0 = keep size), train_crop ('random' | 'central'),
+  flip, brightness (max delta, 0 = off), contrast ((lower, upper) or None),
+  scale ('standardize' | 'unit' for x / 255). Evaluation (train=False) takes
+  the central crop and the scaling only, so it is deterministic and key-free.
+  """
+  x = images.astype(jnp.float32)
+  if train:
+    k_crop, k_flip, k_bright, k_contrast = jax.random.split(key, 4)
+    if cfg.crop_size:
+      x = random_crop(k_crop, x, cfg.crop_size) if cfg.train_crop == 'random' else central_crop(x, cfg.crop_size)
+    if cfg.flip:
+      x = random_flip_left_right(k_flip, x)
+    if cfg.brightness:
+      x = random_brightness(k_bright, x, cfg.brightness)
+    if cfg.contrast:
+      x = random_contrast(k_contrast, x, *cfg.contrast)
+  elif cfg.crop_size:
+    x = central_crop(x, cfg.crop_size)
+  if cfg.scale == 'standardize':
+    return per_image_standardization(x)
+  return x / 255.0

@@ -1,0 +1,68 @@
+"""The fields every recipe shares, with their defaults, and their validation.
+
+configs/<recipe>.py start from base_config() and change what the recipe needs.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from cnnjax import models
+from cnnjax.errors import UserError
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.recipe = ''  # a one-line description, printed at start
+  # Data (TFDS). data_dir None: TFDS's default, which honours TFDS_DATA_DIR.
+  c.dataset = 'cifar10'
+  c.data_dir = config_dict.placeholder(str)
+  c.download = True  # let TFDS download the data when it is not prepared
+  c.train_split = 'train'
+  c.eval_split = 'test'
+  c.seed = 0
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  # Loop.
+  c.num_train_steps = 3000
+  c.log_every = 10
+  c.eval_every = 1000  # 0: evaluate only at the end
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  # Model and loss.
+  c.model = 'cifar_lrn'
+  c.weight_loss = ml_collections.ConfigDict()  # layer name -> wl (times tf.nn.l2_loss(kernel))
+  # Optimizer and schedule.
+  c.optimizer = 'adam'  # sgd | momentum | adam
+  c.learning_rate = 1e-3
+  c.momentum = 0.9
+  c.schedule = 'constant'  # constant | exponential_decay
+  c.decay_rate = 0.1
+  c.decay_steps = 0  # 0: use decay_epochs
+  c.decay_epochs = 0.0
+  c.staircase = True
+  # Augmentation on the accelerator (augment.preprocess).
+  c.augment = ml_collections.ConfigDict(dict(
+      crop_size=24, train_crop='random', flip=True, brightness=63.0, contrast=(0.2, 1.8),
+      scale='standardize'))
+  return c
+
+
+def validate(c):
+  """Raises UserError naming the first field with a value cnnjax cannot use."""
+  def need(ok, message):
+    if not ok:
+      raise UserError(f'bad config: {message}')
+  need(c.model in models.names(), f'model={c.model!r} is not one of {", ".join(models.names())}')
+  for field in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints'):
+    need(c[field] > 0, f'{field} must be positive, got {c[field]}')
+  for field in ('num_train_steps', 'eval_every', 'checkpoint_every'):
+    need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
+  need(c.learning_rate > 0, f'learning_rate must be positive, got {c.learning_rate}')
+  need(c.augment.train_crop in ('random', 'central'),
+       f"augment.train_crop must be 'random' or 'central', got {c.augment.train_crop!r}")
+  need(c.augment.scale in ('standardize', 'unit'),
+       f"augment.scale must be 'standardize' or 'unit', got {c.augment.scale!r}")
+  need(len(c.augment.contrast) in (0, 2),
+       f'augment.contrast must be (lower, upper) or (), got {c.augment.contrast}')
+  if c.schedule == 'exponential_decay':
+    need(c.decay_steps > 0 or c.decay_epochs > 0,
+         'exponential_decay needs decay_steps > 0 or decay_epochs > 0')

@@ -1,0 +1,179 @@
+"""The imperative shell: load data, build the state, run the loop, log, checkpoint.
+
+train_and_evaluate(config, workdir) is what `python run.py` calls.
+"""
+import functools
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from cnnjax import checkpoint, config as config_lib, data, models, optim, parallel, train
+from cnnjax.errors import UserError
+
+LOG_FORMAT = 'step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)'
+
+
+def log(message):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def prepare_workdir(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write-test')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
+
+
+def input_shape(config, split):
+  h, w, c = split.images.shape[1:]
+  size = config.augment.crop_size
+  return (size, size, c) if size else (h, w, c)
+
+
+def weight_loss_terms(config, params):
+  """config.weight_loss as ((layer, wl), ...), each layer checked against the model."""
+  terms = tuple(sorted(config.weight_loss.items()))
+  for name, _ in terms:
+    if name not in params or 'kernel' not in params[name]:
+      raise UserError(f'bad config: weight_loss names {name!r}, which is not a layer of '
+                      f'{config.model} (layers: {", ".join(params)})')
+  return terms
+
+
+class Trainer:
+  """Holds the run's data, jitted steps and state; each method one concern."""
+
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.config = config
+    self.mesh = parallel.make_mesh()
+    parallel.check_divisible('batch_size', config.batch_size, self.mesh)
+    parallel.check_divisible('eval_batch_size', config.eval_batch_size, self.mesh)
+    self.builder = data.info(config.dataset, config.data_dir, config.download)
+    self.train_split = data.load(self.builder, config.train_split)
+    self.eval_split = data.load(self.builder, config.eval_split)
+    if len(self.train_split) < config.batch_size:
+      raise UserError(f'train split {config.train_split!r} has {len(self.train_split)} examples, '
+                      f'fewer than batch_size={config.batch_size}')
+    num_classes = self.builder.info.features['label'].num_classes
+    self.model = models.create(config.model, num_classes)
+    self.learning_rate = optim.learning_rate_fn(config, len(self.train_split))
+    tx = optim.make(config, self.learning_rate)
+    self.replicated = parallel.replicated(self.mesh)
+    self.batch_sharding = parallel.batch_sharded(self.mesh)
+    init = functools.partial(train.create_train_state, model=self.model, tx=tx,
+                             input_shape=input_shape(config, self.train_split))
+    self.state = jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(config.seed))
+    coefficients = weight_loss_terms(config, self.state.params)
+    augment_cfg = config.augment.lock()
+    self.train_step = jax.jit(
+        functools.partial(train.train_step, augment_cfg=augment_cfg, coefficients=coefficients),
+        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self.eval_step = jax.jit(functools.partial(train.eval_step, augment_cfg=augment_cfg),
+                             out_shardings=self.replicated)
+
+  def describe(self):
+    c = self.config
+    log(f'recipe: {c.recipe or c.model}')
+    log(f'model: {c.model}, {models.param_count(self.state.params):,} parameters')
+    log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} '
+        f'({jax.process_count()} process(es))')
+    log(f'data: {c.dataset} {c.train_split}={len(self.train_split):,} examples, '
+        f'{c.eval_split}={len(self.eval_split):,} examples')
+
+  def local_batch(self, batch):
+    """This process's rows of a global batch (each process feeds its own slice)."""
+    n = len(next(iter(batch.values())))
+    per_process = n // jax.process_count()
+    start = jax.process_index() * per_process
+    return {k: v[start:start + per_process] for k, v in batch.items()}
+
+  def evaluate(self, state=None):
+    """Precision @ 1 over exactly the examples of the eval split."""
+    state = self.state if state is None else state
+    totals = {'correct': 0, 'count': 0, 'loss_sum': 0.0}
+    for batch in data.eval_batches(self.eval_split, self.config.eval_batch_size):
+      sums = self.eval_step(state, parallel.put_batch(self.local_batch(batch), self.batch_sharding))
+      for k in totals:
+        totals[k] += sums[k].item()
+    count = totals['count']
+    return {'precision': totals['correct'] / count, 'correct': totals['correct'],
+            'count': count, 'loss': totals['loss_sum'] / count}
+
+  def train_batch(self, step):
+    batch = data.train_batch(self.train_split, self.config.batch_size, self.config.seed, step)
+    return parallel.put_batch(self.local_batch(batch), self.batch_sharding)
+
+
+def write_config(config, workdir):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir):
+  """Trains config's recipe in workdir, resuming from its latest checkpoint."""
+  prepare_workdir(workdir)
+  trainer = Trainer(config)
+  trainer.describe()
+  ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  try:
+    start = ckpt.latest_step()
+    if start is not None:
+      trainer.state = ckpt.restore(start, trainer.state)
+      log(f'resumed from the checkpoint at step {start}')
+    write_config(config, workdir)
+    result = _loop(trainer, ckpt, workdir)
+  finally:
+    ckpt.close()
+  return result
+
+
+def _loop(trainer, ckpt, workdir):
+  config = trainer.config
+  state = trainer.state
+  start = int(state.step)
+  last_time, last_step = time.perf_counter(), start
+  for step in range(start, config.num_train_steps):
+    state, metrics = trainer.train_step(state, trainer.train_batch(step))
+    done = step + 1
+    if step % config.log_every == 0:  # the seeds log steps 0, 10, 20, ...
+      loss = _finite_loss(metrics, step)  # blocks: the interval's time is real compute
+      now = time.perf_counter()
+      sec_per_batch = (now - last_time) / (done - last_step)
+      log(LOG_FORMAT % (step, loss, config.batch_size / sec_per_batch, sec_per_batch))
+      last_time, last_step = now, done
+    if config.eval_every and done % config.eval_every == 0 and done != config.num_train_steps:
+      trainer.state = state
+      _report_eval(trainer, done)
+      last_time = time.perf_counter()
+    if config.checkpoint_every and done % config.checkpoint_every == 0:
+      _finite_loss(metrics, step)  # never checkpoint a diverged state
+      ckpt.save(done, state)
+  trainer.state = state
+  final_step = int(state.step)
+  if ckpt.latest_step() != final_step:
+    ckpt.save(final_step, state)
+  return _report_eval(trainer, final_step)
+
+
+def _finite_loss(metrics, step):
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss):
+    raise UserError(f'loss is {loss} at step {step}; stopped without checkpointing this state')
+  return loss
+
+
+def _report_eval(trainer, step):
+  result = trainer.evaluate()
+  log(f'step {step}: precision @ 1 = {result["precision"]:.4f} '
+      f'({result["correct"]}/{result["count"]}), eval loss = {result["loss"]:.4f}')
+  return dict(result, step=step)
