@@ -24,10 +24,40 @@ def fail(message):
 def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
-    # absl and ml_collections report unknown fields, bad values and missing
-    # config files as exceptions; the first line says what is wrong.
-    fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+  except (KeyError, AttributeError) as e:
+    # ml_collections reports an override of a field the config lacks this way.
+    fail(f'unknown config field {_override_named(argv, str(e).strip(chr(34) + chr(39)))!r} '
+         f'(fields: cnnjax/config.py and the config file)')
+  except (flags.Error, ValueError, TypeError) as e:
+    fail(_first_line(e))
+  except Exception as e:  # e.g. a SyntaxError in the config file
+    fail(f'cannot load the config: {type(e).__name__}: {_first_line(e)}')
+
+
+def _override_named(argv, leaf):
+  """The --config.a.b override whose path holds the unknown key `leaf`."""
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[2:].split('=', 1)[0]
+      if leaf in path.split('.'):
+        return path
+  return leaf
+
+
+def _first_line(e):
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_config():
+  try:
+    config = _CONFIG.value
+    config.keys()  # a config that failed to load raises on first use
+    return config
+  except Exception as e:  # ml_collections defers load errors (missing file, bad Python) to here
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(e).__name__
+    fail(f'cannot load config file {flags.FLAGS["config"].config_filename!r}: {reason}')
 
 
 def main(argv):
@@ -37,11 +67,12 @@ def main(argv):
     fail('--config is required (e.g. --config configs/cifar_lrn.py)')
   if not _WORKDIR.value:
     fail('--workdir is required')
+  config = load_config()
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
   from cnnjax import loop
   from cnnjax.errors import UserError
   try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.train_and_evaluate(config, _WORKDIR.value)
   except UserError as e:
     fail(str(e))
 

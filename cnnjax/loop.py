@@ -154,7 +154,7 @@ def _loop(trainer, ckpt, workdir):
     if config.eval_every and done % config.eval_every == 0 and done != config.num_train_steps:
       trainer.state = state
       _report_eval(trainer, done)
-      last_time = time.perf_counter()
+      last_time, last_step = time.perf_counter(), done  # keep eval out of examples/sec
     if config.checkpoint_every and done % config.checkpoint_every == 0:
       _finite_loss(metrics, step)  # never checkpoint a diverged state
       ckpt.save(done, state)

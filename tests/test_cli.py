@@ -1,0 +1,91 @@
+"""run.py as a user runs it: a short real run, resume, and one-line errors."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax import data
+from cnnjax.errors import UserError
+from tests.conftest import ROOT
+
+SMALL = ['--config.train_split=train[:256]', '--config.eval_split=test[:100]',
+         '--config.batch_size=64', '--config.eval_batch_size=64', '--config.log_every=2']
+
+
+def run(*args, env=None):
+  return subprocess.run([sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, **(env or {})))
+
+
+def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = run('--workdir', workdir, '--config.num_train_steps=5', '--config.checkpoint_every=4',
+              *SMALL)
+  assert first.returncode == 0, first.stderr
+  out = first.stdout
+  assert 'model: cifar_lrn, 1,068,298 parameters' in out
+  assert 'train[:256]=256 examples' in out and 'test[:100]=100 examples' in out
+  assert re.search(r'^devices: \d+ x ', out, re.M)
+  steps = re.findall(r'^step (\d+), loss = \d+\.\d\d \(\d+\.\d examples/sec; \d+\.\d{3} sec/batch\)$',
+                     out, re.M)
+  assert steps == ['0', '2', '4']
+  assert re.search(r'^step 5: precision @ 1 = 0\.\d{4} \(\d+/100\)', out, re.M)
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+
+  second = run('--workdir', workdir, '--config.num_train_steps=7', *SMALL)
+  assert second.returncode == 0, second.stderr
+  assert 'resumed from the checkpoint at step 5' in second.stdout
+  assert re.findall(r'^step (\d+), loss', second.stdout, re.M) == ['6']
+  assert re.search(r'^step 7: precision @ 1', second.stdout, re.M)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.no_such_field=1'], "unknown config field 'config.no_such_field'"),
+    (['--config.dataset=cifar11'], "unknown dataset 'cifar11'"),
+    (['--config.model=resnet9000'], "bad config: model='resnet9000'"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
+  result = run('--workdir', str(tmp_path), *args)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f'error: {result.stderr.strip()[7:]}']
+  assert message in result.stderr
+
+
+def test_missing_offline_data_names_tfds_data_dir(tmp_path):
+  empty = tmp_path / 'no-data'
+  empty.mkdir()
+  result = run('--workdir', str(tmp_path / 'w'), f'--config.data_dir={empty}',
+               '--config.download=False')
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'TFDS_DATA_DIR' in lines[0] and 'data_dir' in lines[0]
+
+
+def test_failed_download_names_tfds_data_dir(tmp_path, monkeypatch):
+  # Offline, TFDS's download retries for minutes; the same failure, raised at once.
+  import tensorflow_datasets as tfds
+
+  def offline(self, *args, **kwargs):
+    raise ConnectionError('Failed to resolve www.cs.toronto.edu')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
+  with pytest.raises(UserError, match='downloading it failed .*TFDS_DATA_DIR.*data_dir'):
+    data.info('cifar10', data_dir=str(tmp_path), download=True)
+
+
+def test_missing_config_file_and_unwritable_workdir(tmp_path):
+  missing = subprocess.run([sys.executable, 'run.py', '--config', 'configs/nope.py',
+                            '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+  assert missing.returncode == 2
+  assert missing.stderr.strip() == (
+      "error: cannot load config file 'configs/nope.py': "
+      "[Errno 2] No such file or directory: 'configs/nope.py'")
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  unwritable = run('--workdir', str(blocker / 'sub'))
+  assert unwritable.returncode == 2
+  assert len(unwritable.stderr.strip().splitlines()) == 1
+  assert 'is not writable' in unwritable.stderr

@@ -1,0 +1,65 @@
+"""cnnjax.ops against TensorFlow's own ops, forward and gradient."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import ops
+
+LRN_RECIPES = {
+    'recipe_a': dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75),
+    'recipe_b': dict(depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75),
+    'tf_defaults': dict(depth_radius=5, bias=1.0, alpha=1.0, beta=0.5),
+}
+
+
+@pytest.mark.parametrize('name', sorted(LRN_RECIPES))
+def test_lrn_matches_tf(tf, name):
+  params = LRN_RECIPES[name]
+  x = np.random.default_rng(0).normal(0, 3, (4, 6, 6, 64)).astype(np.float32)
+  g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    expected = tf.nn.lrn(xt, **params)
+  expected_grad = tape.gradient(expected, xt, output_gradients=tf.constant(g))
+  out, vjp = jax.vjp(lambda v: ops.lrn(v, **params), jnp.asarray(x))
+  np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], expected_grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('window,stride,shape', [
+    (3, 2, (2, 24, 24, 8)),  # Recipe A/B pools: 24 -> 12
+    (3, 2, (2, 12, 12, 8)),  # 12 -> 6
+    (3, 2, (2, 7, 9, 3)),  # odd sizes: TF pads the extra pixel after
+    (2, 2, (2, 28, 28, 4)),  # Recipe D pools
+    (2, 2, (2, 7, 7, 4)),  # 7 -> 4 with SAME padding
+])
+def test_max_pool_matches_tf_forward_and_gradient(tf, window, stride, shape):
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  _check_pool_against_tf(tf, x, window, stride)
+
+
+def test_max_pool_ties_route_gradient_like_tf(tf):
+  # Small integers give many equal maxima; TF sends the gradient to the first.
+  x = np.random.default_rng(0).integers(0, 3, (2, 12, 12, 4)).astype(np.float32)
+  _check_pool_against_tf(tf, x, 3, 2)
+
+
+def _check_pool_against_tf(tf, x, window, stride):
+  out_shape = None
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    expected = tf.nn.max_pool2d(xt, window, stride, 'SAME')
+  out_shape = expected.shape
+  g = np.random.default_rng(2).normal(size=out_shape).astype(np.float32)
+  expected_grad = tape.gradient(expected, xt, output_gradients=tf.constant(g))
+  out, vjp = jax.vjp(lambda v: ops.max_pool(v, window, stride, 'SAME'), jnp.asarray(x))
+  np.testing.assert_array_equal(out, expected.numpy())
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], expected_grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_l2_loss_matches_tf(tf):
+  w = np.random.default_rng(0).normal(size=(5, 5, 3, 64)).astype(np.float32)
+  np.testing.assert_allclose(ops.l2_loss(jnp.asarray(w)), tf.nn.l2_loss(w).numpy(), rtol=1e-6)

@@ -1,0 +1,75 @@
+"""The model, the loss and the train/eval steps on real (small) CIFAR-10 splits."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import augment, loop, models, train
+from configs import cifar_lrn
+
+
+def small_config(**overrides):
+  c = cifar_lrn.get_config()
+  c.train_split, c.eval_split = 'train[:512]', 'test[:300]'
+  c.batch_size, c.eval_batch_size = 64, 128  # 300 = 2 * 128 + 44: a padded last batch
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture(scope='module')
+def trainer():
+  return loop.Trainer(small_config())
+
+
+def test_recipe_a_has_the_tutorials_parameter_count():
+  model = models.create('cifar_lrn', 10)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 3)))['params']
+  assert models.param_count(params) == 1_068_298
+
+
+def test_initializers_are_the_seeds(trainer):
+  p = trainer.state.params
+  np.testing.assert_array_equal(p['conv2']['bias'], np.float32(0.1))
+  np.testing.assert_array_equal(p['conv1']['bias'], 0.0)
+  np.testing.assert_array_equal(p['local3']['bias'], np.float32(0.1))
+  w = np.asarray(p['local3']['kernel'])
+  assert np.abs(w).max() <= 2 * 0.04  # truncated at two standard deviations
+  # A normal truncated at +-2 sigma has std 0.8796 sigma.
+  assert abs(w.std() / 0.04 - 0.8796) < 0.01
+
+
+def test_loss_is_cross_entropy_plus_hand_computed_weight_losses(trainer):
+  params = trainer.state.params
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 24, 24, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+  terms = loop.weight_loss_terms(trainer.config, params)
+  loss, (ce, _) = train.loss_fn(params, trainer.state.apply_fn, images, labels, terms)
+
+  logits = np.asarray(trainer.state.apply_fn({'params': params}, images), np.float64)
+  log_softmax = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1,
+                                                                                  keepdims=True)) - logits.max(1, keepdims=True)
+  expected_ce = -log_softmax[np.arange(8), np.asarray(labels)].mean()
+  expected_wl = sum(0.004 * (np.asarray(params[name]['kernel'], np.float64) ** 2).sum() / 2
+                    for name in ('local3', 'local4'))
+  np.testing.assert_allclose(ce, expected_ce, rtol=1e-5)
+  np.testing.assert_allclose(loss, expected_ce + expected_wl, rtol=1e-5)
+
+
+def test_short_training_lowers_the_loss(trainer):
+  state = jax.tree.map(jnp.copy, trainer.state)  # train_step donates its input state
+  losses = []
+  for step in range(40):
+    state, metrics = trainer.train_step(state, trainer.train_batch(step))
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 40
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+
+
+def test_evaluation_counts_exactly_the_split_and_matches_unbatched(trainer):
+  result = trainer.evaluate()
+  assert result['count'] == 300  # not 3 * 128 = 384
+  split = trainer.eval_split
+  images = augment.preprocess(None, jnp.asarray(split.images), trainer.config.augment, train=False)
+  logits = trainer.state.apply_fn({'params': trainer.state.params}, images)
+  assert result['correct'] == int(jnp.sum(jnp.argmax(logits, -1) == split.labels))
