@@ -1,8 +1,9 @@
 """cnnjax command line: python run.py --config configs/cifar_lrn.py --workdir DIR.
 
 Every config field can be overridden (--config.batch_size=256). Re-running with
-the same --workdir resumes from its latest checkpoint. Bad input ends with one
-line on stderr and exit status 2.
+the same --workdir resumes from its latest checkpoint; --mode=eval evaluates a
+checkpoint without training. Bad input ends with one line on stderr and exit
+status 2; SIGTERM/SIGINT checkpoint and exit 0.
 """
 import os
 import sys
@@ -14,6 +15,10 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and outputs.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train: train and evaluate, resuming from the workdir; '
+                          'eval: evaluate a checkpoint of the workdir without training.')
+_STEP = flags.DEFINE_integer('step', None, 'With --mode=eval: the checkpoint step (default: latest).')
 
 
 def fail(message):
@@ -63,16 +68,21 @@ def load_config():
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _CONFIG.value is None:
-    fail('--config is required (e.g. --config configs/cifar_lrn.py)')
   if not _WORKDIR.value:
     fail('--workdir is required')
-  config = load_config()
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
   from cnnjax import loop
   from cnnjax.errors import UserError
   try:
-    loop.train_and_evaluate(config, _WORKDIR.value)
+    if _MODE.value == 'train':
+      if _CONFIG.value is None:
+        fail('--config is required (e.g. --config configs/cifar_lrn.py)')
+      loop.train_and_evaluate(load_config(), _WORKDIR.value)
+    else:
+      config = load_config() if _CONFIG.value is not None else loop.load_saved_config(_WORKDIR.value)
+      if config is None:
+        fail(f'no config.json in {_WORKDIR.value}: pass --config, or train there first')
+      loop.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
   except UserError as e:
     fail(str(e))
 

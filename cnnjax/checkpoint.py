@@ -2,24 +2,43 @@
 
 The saved state is the whole TrainState (params, optimizer state, step, base
 PRNG key); the input position is a function of the step (data.train_batch), so
-restoring the state restores the whole run.
+restoring the state restores the whole run, bit for bit.
+
+Orbax writes each save to a temporary directory and renames it when complete,
+so a process killed mid-save leaves only a `*.orbax-checkpoint-tmp-*` folder,
+which latest_step() ignores and cleanup_tmp_directories removes. A checkpoint
+that is complete but unreadable (a truncated file, a bad disk) is moved to
+`workdir/corrupt_checkpoints/` and the previous one is used.
 """
 import os
+import shutil
+import time
 
+import flax.serialization
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from cnnjax.errors import UserError
+
 
 class Checkpoints:
 
-  def __init__(self, workdir, keep):
+  def __init__(self, workdir, keep, read_only=False):
+    self.workdir = workdir
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.LatestN(keep),
-        cleanup_tmp_directories=True,  # remove what an interrupted save left
-        enable_async_checkpointing=True)
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=True,
+        read_only=read_only,
+        create=not read_only)
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler()})  # for item_metadata
+
+  def steps(self):
+    return sorted(self._manager.all_steps())
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -28,6 +47,9 @@ class Checkpoints:
     """Starts an asynchronous save; training continues while it writes."""
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
+  def wait(self):
+    self._manager.wait_until_finished()
+
   def restore(self, step, like):
     """The state saved at `step`, placed with the shardings of `like`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
@@ -35,6 +57,76 @@ class Checkpoints:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored['state']
 
+  def check_fits(self, step, like):
+    """UserError if the checkpoint's arrays differ in path or shape from `like`'s.
+
+    Reads only metadata, so a checkpoint of another model is reported as such
+    instead of failing deep inside orbax (or being mistaken for a corrupt one).
+    """
+    saved = _shapes(self._manager.item_metadata(step)['state'].tree)
+    wanted = _shapes(flax.serialization.to_state_dict(like))
+    if saved != wanted:
+      diff = sorted(set(saved.items()) ^ set(wanted.items()))[0][0]
+      raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit this '
+                      f'config (first difference: {diff}, saved {saved.get(diff)}, now '
+                      f'{wanted.get(diff)}); use a new --workdir for a different model')
+
+  def restore_step(self, step, like):
+    """restore(), with a one-line UserError for a missing step or unreadable checkpoint."""
+    if step not in self.steps():
+      available = ', '.join(map(str, self.steps())) or 'none'
+      raise UserError(f'no checkpoint at step {step} in {self.directory} (available: {available})')
+    try:
+      self.check_fits(step, like)
+      return self.restore(step, like)
+    except UserError:
+      raise
+    except Exception as e:
+      raise UserError(f'checkpoint at step {step} cannot be restored: {_reason(e)}') from None
+
+  def restore_latest(self, like, report):
+    """(step, state) from the newest readable checkpoint, or (None, like) if none.
+
+    Unreadable ones are reported through `report` and moved aside, never deleted.
+    """
+    for step in reversed(self.steps()):
+      try:
+        self.check_fits(step, like)
+        return step, self.restore(step, like)
+      except UserError:
+        raise  # a readable checkpoint of another model: the user's mistake, not corruption
+      except Exception as e:
+        moved = self._quarantine(step)
+        report(f'checkpoint at step {step} is unreadable ({_reason(e)}); moved it to '
+               f'{moved} and trying the previous one')
+    return None, like
+
+  def _quarantine(self, step):
+    target = os.path.join(self.workdir, 'corrupt_checkpoints', f'{step}-{int(time.time())}')
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
+
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _shapes(tree, prefix=''):
+  """{'params/conv1/kernel': (5, 5, 3, 64), ...} for nested dicts/lists of arrays."""
+  if isinstance(tree, dict):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    items = ((str(i), v) for i, v in enumerate(tree))
+  else:
+    return {prefix: tuple(tree.shape)} if hasattr(tree, 'shape') else {}
+  out = {}
+  for key, value in items:
+    out.update(_shapes(value, f'{prefix}/{key}' if prefix else str(key)))
+  return out
+
+
+def _reason(e):
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__

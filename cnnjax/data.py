@@ -55,6 +55,14 @@ def info(name, data_dir=None, download=True):
   return builder
 
 
+def num_examples(builder, split):
+  """The size of `split` (slices too) from TFDS's metadata, without reading it."""
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise UserError(f'bad split {split!r} for {builder.name}: {e}') from None
+
+
 def load(builder, split):
   """The whole `split` (TFDS split syntax, e.g. 'train[:512]') as uint8 arrays in memory."""
   import tensorflow as tf

@@ -5,9 +5,11 @@ train_and_evaluate(config, workdir) is what `python run.py` calls.
 import functools
 import json
 import os
+import signal
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from cnnjax import checkpoint, config as config_lib, data, models, optim, parallel, train
@@ -51,32 +53,33 @@ def weight_loss_terms(config, params):
 class Trainer:
   """Holds the run's data, jitted steps and state; each method one concern."""
 
-  def __init__(self, config):
+  def __init__(self, config, for_training=True):
     config_lib.validate(config)
     self.config = config
     self.mesh = parallel.make_mesh()
     parallel.check_divisible('batch_size', config.batch_size, self.mesh)
     parallel.check_divisible('eval_batch_size', config.eval_batch_size, self.mesh)
     self.builder = data.info(config.dataset, config.data_dir, config.download)
-    self.train_split = data.load(self.builder, config.train_split)
     self.eval_split = data.load(self.builder, config.eval_split)
-    if len(self.train_split) < config.batch_size:
-      raise UserError(f'train split {config.train_split!r} has {len(self.train_split)} examples, '
+    self.train_split = data.load(self.builder, config.train_split) if for_training else None
+    num_train = data.num_examples(self.builder, config.train_split)
+    if num_train < config.batch_size:
+      raise UserError(f'train split {config.train_split!r} has {num_train} examples, '
                       f'fewer than batch_size={config.batch_size}')
     num_classes = self.builder.info.features['label'].num_classes
     self.model = models.create(config.model, num_classes)
-    self.learning_rate = optim.learning_rate_fn(config, len(self.train_split))
+    self.learning_rate = optim.learning_rate_fn(config, num_train)
     tx = optim.make(config, self.learning_rate)
     self.replicated = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
     init = functools.partial(train.create_train_state, model=self.model, tx=tx,
-                             input_shape=input_shape(config, self.train_split))
+                             input_shape=input_shape(config, self.eval_split))
     self.state = jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(config.seed))
     coefficients = weight_loss_terms(config, self.state.params)
     augment_cfg = config.augment.lock()
     self.train_step = jax.jit(
         functools.partial(train.train_step, augment_cfg=augment_cfg, coefficients=coefficients),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        out_shardings=(self.replicated, self.replicated))
     self.eval_step = jax.jit(functools.partial(train.eval_step, augment_cfg=augment_cfg),
                              out_shardings=self.replicated)
 
@@ -86,7 +89,8 @@ class Trainer:
     log(f'model: {c.model}, {models.param_count(self.state.params):,} parameters')
     log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} '
         f'({jax.process_count()} process(es))')
-    log(f'data: {c.dataset} {c.train_split}={len(self.train_split):,} examples, '
+    num_train = data.num_examples(self.builder, c.train_split)
+    log(f'data: {c.dataset} {c.train_split}={num_train:,} examples, '
         f'{c.eval_split}={len(self.eval_split):,} examples')
 
   def local_batch(self, batch):
@@ -113,37 +117,116 @@ class Trainer:
     return parallel.put_batch(self.local_batch(batch), self.batch_sharding)
 
 
+# Fields that fix the shapes of the train state: resuming with another value fails.
+STATE_FIELDS = ('model', 'dataset', 'optimizer', 'augment.crop_size')
+
+
+def _get(config, dotted):
+  for key in dotted.split('.'):
+    config = config[key]
+  return config
+
+
+def load_saved_config(workdir):
+  """The config a workdir was trained with (config.json), or None."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def check_resumable(config, workdir):
+  """UserError if config.json in workdir has other values for STATE_FIELDS."""
+  saved = load_saved_config(workdir)
+  if saved is None:
+    return
+  for field in STATE_FIELDS:
+    before, now = _get(saved, field), _get(config, field)
+    if before != now:
+      raise UserError(f'workdir {workdir} was trained with {field}={before!r}, this config has '
+                      f'{field}={now!r}; use a new --workdir (or the same {field})')
+
+
 def write_config(config, workdir):
+  """Writes config.json atomically: a kill never leaves a half-written one."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + '.tmp', path)
+
+
+class StopSignals:
+  """SIGTERM/SIGINT ask the loop to stop after the current step (with a checkpoint)."""
+
+  def __init__(self):
+    self.received = None
+
+  def __enter__(self):
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 def train_and_evaluate(config, workdir):
-  """Trains config's recipe in workdir, resuming from its latest checkpoint."""
+  """Trains config's recipe in workdir, resuming from its latest good checkpoint."""
   prepare_workdir(workdir)
+  check_resumable(config, workdir)
   trainer = Trainer(config)
   trainer.describe()
   ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   try:
-    start = ckpt.latest_step()
+    start, trainer.state = ckpt.restore_latest(trainer.state, report=log)
     if start is not None:
-      trainer.state = ckpt.restore(start, trainer.state)
       log(f'resumed from the checkpoint at step {start}')
     write_config(config, workdir)
-    result = _loop(trainer, ckpt, workdir)
+    with StopSignals() as stop:
+      result = _loop(trainer, ckpt, stop)
   finally:
     ckpt.close()
   return result
 
 
-def _loop(trainer, ckpt, workdir):
+def evaluate_checkpoint(config, workdir, step=None):
+  """--mode=eval (the seeds' has_trained=True): restore a checkpoint, evaluate, no training."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
+  trainer = Trainer(config, for_training=False)
+  trainer.describe()
+  ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)
+  try:
+    if step is None:
+      step, trainer.state = ckpt.restore_latest(trainer.state, report=log)
+      if step is None:
+        raise UserError(f'no readable checkpoint in {ckpt_dir}')
+    else:
+      trainer.state = ckpt.restore_step(step, trainer.state)
+  finally:
+    ckpt.close()
+  log(f'restored the checkpoint at step {step}')
+  return _report_eval(trainer, step)
+
+
+def _loop(trainer, ckpt, stop):
   config = trainer.config
   state = trainer.state
   start = int(state.step)
   last_time, last_step = time.perf_counter(), start
+  pending = None  # the previous step's metrics: checked one step late, so the device never idles
   for step in range(start, config.num_train_steps):
     state, metrics = trainer.train_step(state, trainer.train_batch(step))
+    if pending is not None:
+      _finite_loss(*pending)
+    pending = (metrics, step)
     done = step + 1
     if step % config.log_every == 0:  # the seeds log steps 0, 10, 20, ...
       loss = _finite_loss(metrics, step)  # blocks: the interval's time is real compute
@@ -155,9 +238,16 @@ def _loop(trainer, ckpt, workdir):
       trainer.state = state
       _report_eval(trainer, done)
       last_time, last_step = time.perf_counter(), done  # keep eval out of examples/sec
-    if config.checkpoint_every and done % config.checkpoint_every == 0:
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or stop.received:
       _finite_loss(metrics, step)  # never checkpoint a diverged state
       ckpt.save(done, state)
+    if stop.received:
+      ckpt.wait()
+      log(f'stopped by {stop.received} after step {done}; checkpoint written')
+      trainer.state = state
+      return {'step': done, 'stopped': stop.received}
+  if pending is not None:
+    _finite_loss(*pending)
   trainer.state = state
   final_step = int(state.step)
   if ckpt.latest_step() != final_step:

@@ -17,3 +17,13 @@ def tf():
   import tensorflow
   tensorflow.config.set_visible_devices([], 'GPU')
   return tensorflow
+
+
+def small_config(**overrides):
+  """Recipe A on small real slices: fast enough for a test, real enough to learn."""
+  from configs import cifar_lrn
+  c = cifar_lrn.get_config()
+  c.train_split, c.eval_split = 'train[:512]', 'test[:300]'
+  c.batch_size, c.eval_batch_size = 64, 128  # 300 = 2 * 128 + 44: a padded last batch
+  c.update(overrides)
+  return c

@@ -5,15 +5,7 @@ import numpy as np
 import pytest
 
 from cnnjax import augment, loop, models, train
-from configs import cifar_lrn
-
-
-def small_config(**overrides):
-  c = cifar_lrn.get_config()
-  c.train_split, c.eval_split = 'train[:512]', 'test[:300]'
-  c.batch_size, c.eval_batch_size = 64, 128  # 300 = 2 * 128 + 44: a padded last batch
-  c.update(overrides)
-  return c
+from tests.conftest import small_config
 
 
 @pytest.fixture(scope='module')

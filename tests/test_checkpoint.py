@@ -1,0 +1,154 @@
+"""Checkpoints never lose work: exact resume, eval-only, signals, kill -9, corruption."""
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint, loop
+from cnnjax.errors import UserError
+from tests.conftest import ROOT, small_config
+
+TINY = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=32,
+            eval_batch_size=64, log_every=1, eval_every=0, checkpoint_every=4)
+
+
+def tiny(**overrides):
+  return small_config(**dict(TINY, **overrides))
+
+
+def saved_state(workdir, step, config=None):
+  trainer = loop.Trainer(config or tiny(), for_training=False)
+  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
+  try:
+    return ckpt.restore(step, trainer.state)
+  finally:
+    ckpt.close()
+
+
+def assert_same_state(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted 8-step run: the state every interrupted run must reproduce bit for bit."""
+  workdir = tmp_path_factory.mktemp('reference')
+  loop.train_and_evaluate(tiny(num_train_steps=8), str(workdir))
+  return saved_state(workdir, 8)
+
+
+def test_resume_is_bit_exact(tmp_path, reference):
+  loop.train_and_evaluate(tiny(num_train_steps=4), str(tmp_path))
+  result = loop.train_and_evaluate(tiny(num_train_steps=8, log_every=3), str(tmp_path))
+  assert result['step'] == 8
+  assert_same_state(saved_state(tmp_path, 8), reference)
+
+
+def test_eval_mode_restores_and_evaluates_without_training(tmp_path):
+  trained = loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
+  evaluated = loop.evaluate_checkpoint(tiny(), str(tmp_path))
+  assert evaluated == trained
+  at_4 = loop.evaluate_checkpoint(tiny(), str(tmp_path), step=4)
+  assert at_4['step'] == 4 and at_4['count'] == 100
+  with pytest.raises(UserError, match=r'no checkpoint at step 5 .*available: 4, 8'):
+    loop.evaluate_checkpoint(tiny(), str(tmp_path), step=5)
+  with pytest.raises(UserError, match='no checkpoints in'):
+    loop.evaluate_checkpoint(tiny(), str(tmp_path / 'empty'))
+
+
+def test_incompatible_config_is_refused_harmless_changes_are_not(tmp_path):
+  loop.train_and_evaluate(tiny(num_train_steps=4), str(tmp_path))
+  with pytest.raises(UserError, match=r'trained with augment.crop_size=24.*crop_size=28'):
+    loop.train_and_evaluate(tiny(num_train_steps=8, augment=dict(crop_size=28)), str(tmp_path))
+  os.remove(tmp_path / 'config.json')  # the shape check stands behind the config check
+  with pytest.raises(UserError, match=r'does not fit this config .*local3/kernel'):
+    loop.train_and_evaluate(tiny(num_train_steps=8, augment=dict(crop_size=28)), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']  # nothing was moved or lost
+  result = loop.train_and_evaluate(tiny(num_train_steps=6, log_every=5, eval_every=3),
+                                   str(tmp_path))
+  assert result['step'] == 6
+
+
+def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
+  config = tiny(num_train_steps=50, optimizer='sgd', learning_rate=1e9, checkpoint_every=1)
+  with pytest.raises(UserError, match=r'loss is (nan|inf) at step \d+; stopped without'):
+    loop.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoint.Checkpoints(str(tmp_path), 3, read_only=True)
+  steps = ckpt.steps()
+  ckpt.close()
+  if steps:  # whatever was saved before the divergence is finite
+    state = saved_state(tmp_path, steps[-1], config)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, reference):
+  loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
+  files = [p for p in (tmp_path / 'checkpoints' / '8').rglob('*') if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
+  messages = []
+  trainer = loop.Trainer(tiny(), for_training=False)
+  ckpt = checkpoint.Checkpoints(str(tmp_path), 3)
+  step, _ = ckpt.restore_latest(trainer.state, report=messages.append)
+  ckpt.close()
+  assert step == 4
+  assert len(messages) == 1 and 'checkpoint at step 8 is unreadable' in messages[0]
+  assert len(os.listdir(tmp_path / 'corrupt_checkpoints')) == 1
+  loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))  # redoes steps 5-8
+  assert_same_state(saved_state(tmp_path, 8), reference)
+
+
+# --- as a user's process experiences it ---------------------------------------------
+
+TINY_FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()]
+
+
+def start(workdir, *args):
+  return subprocess.Popen(
+      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir', str(workdir),
+       *TINY_FLAGS, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc, pattern):
+  for line in proc.stdout:
+    if re.match(pattern, line):
+      return line
+  raise AssertionError(f'process ended before a line matching {pattern!r}: {proc.stderr.read()}')
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_step_checkpoints_and_exits_0(tmp_path, sig):
+  proc = start(tmp_path, '--config.num_train_steps=100000', '--config.checkpoint_every=0')
+  wait_for_line(proc, r'step 3, loss')
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  stopped = re.search(rf'stopped by {sig.name} after step (\d+); checkpoint written', out)
+  assert stopped, out
+  assert os.listdir(tmp_path / 'checkpoints') == [stopped.group(1)]
+
+
+def test_kill_9_at_any_moment_never_breaks_the_next_run(tmp_path, reference):
+  # Checkpoint every step, so most kills land during an asynchronous save.
+  for after_step, delay in ((1, 0.0), (3, 0.05), (5, 0.15)):
+    proc = start(tmp_path, '--config.num_train_steps=8', '--config.checkpoint_every=1')
+    wait_for_line(proc, rf'step {after_step}, loss')
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate()
+  finish = start(tmp_path, '--config.num_train_steps=8', '--config.checkpoint_every=1')
+  out, err = finish.communicate(timeout=300)
+  assert finish.returncode == 0, err
+  assert re.search(r'^step 8: precision @ 1', out, re.M)
+  assert_same_state(saved_state(tmp_path, 8), reference)
+  leftovers = [p.name for p in pathlib.Path(tmp_path / 'checkpoints').iterdir()
+               if 'tmp' in p.name]
+  assert leftovers == []  # interrupted saves were cleaned up
