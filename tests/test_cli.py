@@ -76,6 +76,16 @@ def test_failed_download_names_tfds_data_dir(tmp_path, monkeypatch):
     data.info('cifar10', data_dir=str(tmp_path), download=True)
 
 
+def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
+  no_config = subprocess.run([sys.executable, 'run.py', '--mode=eval', '--workdir', str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True)
+  assert no_config.returncode == 2
+  assert no_config.stderr.strip() == f'error: no config.json in {tmp_path}: pass --config, or train there first'
+  no_ckpt = run('--mode=eval', '--workdir', str(tmp_path))
+  assert no_ckpt.returncode == 2
+  assert no_ckpt.stderr.strip() == f'error: no checkpoints in {tmp_path}: train first, or point --workdir at a run'
+
+
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
   missing = subprocess.run([sys.executable, 'run.py', '--config', 'configs/nope.py',
                             '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
