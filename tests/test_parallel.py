@@ -1,0 +1,84 @@
+"""Data parallelism on 8 fake CPU devices (XLA_FLAGS in a subprocess) against 1 device."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint, loop
+from tests.conftest import ROOT, small_config
+
+EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+# SGD: equal gradients give equal updates (Adam would magnify float noise in tiny gradients).
+# 100 test examples in batches of 16 = 8 devices x 2: the last batch is padded and masked.
+OVERRIDES = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=32,
+                 eval_batch_size=16, log_every=1, eval_every=0, checkpoint_every=0,
+                 num_train_steps=4, optimizer='sgd', learning_rate=0.05)
+FLAGS = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+
+
+def run(workdir, *args, env=None):
+  return subprocess.run(
+      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir', str(workdir),
+       *FLAGS, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, **(env or {})})
+
+
+def final_eval(stdout):
+  return re.search(r'^step \d+: precision @ 1 = .*$', stdout, re.M).group(0)
+
+
+def restore(workdir, step):
+  """Restores on this (1-device) process, whatever device count saved it."""
+  trainer = loop.Trainer(small_config(**OVERRIDES), for_training=False)
+  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
+  try:
+    return ckpt.restore(step, trainer.state)
+  finally:
+    ckpt.close()
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  one, eight = tmp_path_factory.mktemp('one'), tmp_path_factory.mktemp('eight')
+  return {'one': (one, run(one)), 'eight': (eight, run(eight, env=EIGHT))}
+
+
+def test_eight_devices_train_like_one(runs):
+  (one, r1), (eight, r8) = runs['one'], runs['eight']
+  assert r1.returncode == 0 and r8.returncode == 0, r1.stderr + r8.stderr
+  assert re.search(r'^devices: 1 x ', r1.stdout, re.M)
+  assert re.search(r'^devices: 8 x ', r8.stdout, re.M)
+  # The console reports examples/sec for the whole global batch of 32 on both.
+  assert re.findall(r'^step (\d), loss = (\S+)', r1.stdout, re.M) == \
+      re.findall(r'^step (\d), loss = (\S+)', r8.stdout, re.M)
+  # Saved on 8 devices, restored on 1.
+  a, b = restore(one, 4), restore(eight, 4)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_evaluation_counts_exactly_and_matches_one_device(runs):
+  (_, r1), (_, r8) = runs['one'], runs['eight']
+  assert '(' in final_eval(r1.stdout) and '/100)' in final_eval(r1.stdout)
+  assert final_eval(r1.stdout) == final_eval(r8.stdout)
+
+
+def test_checkpoint_from_one_device_restores_on_eight(runs):
+  one, r1 = runs['one']
+  again = subprocess.run([sys.executable, 'run.py', '--mode=eval', '--workdir', str(one)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **EIGHT})
+  assert again.returncode == 0, again.stderr
+  assert re.search(r'^devices: 8 x ', again.stdout, re.M)
+  assert final_eval(again.stdout) == final_eval(r1.stdout)
+
+
+def test_batch_that_does_not_divide_the_devices_is_one_line(tmp_path):
+  result = run(tmp_path, '--config.batch_size=36', env=EIGHT)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ('error: batch_size=36 does not divide evenly across 8 '
+                                   'devices; use a multiple of 8')
