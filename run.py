@@ -19,6 +19,13 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train and evaluate, resuming from the workdir; '
                           'eval: evaluate a checkpoint of the workdir without training.')
 _STEP = flags.DEFINE_integer('step', None, 'With --mode=eval: the checkpoint step (default: latest).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process run through jax.distributed.initialize(), which '
+    'finds the coordinator itself on SLURM, Kubernetes (JobSet), MPI and TPU clusters.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a multi-process run by hand.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 
 
 def fail(message):
@@ -65,12 +72,27 @@ def load_config():
     fail(f'cannot load config file {flags.FLAGS["config"].config_filename!r}: {reason}')
 
 
+def init_distributed():
+  """Connects the processes of a multi-host run, before any device is touched."""
+  import jax
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      fail('--coordinator_address needs --num_processes and --process_id')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      fail(f'--distributed: {_first_line(e)}')
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value:
     fail('--workdir is required')
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
+  init_distributed()
   from cnnjax import loop
   from cnnjax.errors import UserError
   try:

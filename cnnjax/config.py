@@ -19,6 +19,9 @@ def base_config():
   c.train_split = 'train'
   c.eval_split = 'test'
   c.seed = 0
+  # The train split is read as this many shards (0: one per process); the data
+  # order is a function of (seed, input_shards), whatever the process count.
+  c.input_shards = 0
   c.batch_size = 128
   c.eval_batch_size = 256
   # Loop.
@@ -54,7 +57,7 @@ def validate(c):
   need(c.model in models.names(), f'model={c.model!r} is not one of {", ".join(models.names())}')
   for field in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints'):
     need(c[field] > 0, f'{field} must be positive, got {c[field]}')
-  for field in ('num_train_steps', 'eval_every', 'checkpoint_every'):
+  for field in ('num_train_steps', 'eval_every', 'checkpoint_every', 'input_shards'):
     need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
   need(c.learning_rate > 0, f'learning_rate must be positive, got {c.learning_rate}')
   need(c.augment.train_crop in ('random', 'central'),

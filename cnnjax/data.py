@@ -78,31 +78,73 @@ def load(builder, split):
   return Split(np.concatenate(images), np.concatenate(labels).astype(np.int32))
 
 
-@functools.lru_cache(maxsize=2)
-def _permutation(n, seed, epoch):
-  return np.random.default_rng([seed, epoch]).permutation(n)
+def shard(split, index, count):
+  """The TFDS instruction for part `index` of `count` near-equal parts of `split`."""
+  import tensorflow_datasets as tfds
+  return tfds.even_splits(split, n=count)[index] if count > 1 else split
 
 
-def steps_per_epoch(n, batch_size):
-  return n // batch_size
+@functools.lru_cache(maxsize=8)
+def _permutation(n, seed, epoch, shard_id):
+  return np.random.default_rng([seed, epoch, shard_id]).permutation(n)
 
 
-def train_batch(split, batch_size, seed, step):
-  """The batch for `step`: epoch-wise shuffles, each epoch's remainder dropped."""
-  per_epoch = steps_per_epoch(len(split), batch_size)
-  epoch, i = divmod(step, per_epoch)
-  idx = _permutation(len(split), seed, epoch)[i * batch_size:(i + 1) * batch_size]
-  return {'image': split.images[idx], 'label': split.labels[idx]}
+@dataclasses.dataclass(frozen=True)
+class TrainShards:
+  """This process's shards of the train split, and the order they are read in.
+
+  The split is cut into `num_shards` near-equal parts; each epoch every shard is
+  shuffled by (seed, epoch, shard id), and the global batch of a step is the
+  concatenation, in shard order, of `batch_size / num_shards` examples from each.
+  So the order is a pure function of (seed, num_shards, step): any process
+  count that divides num_shards reads the same batches, each process reading
+  only its own shards.
+  """
+  shards: tuple  # of Split, this process's
+  ids: tuple  # their shard ids
+  shard_batch: int
+  steps_per_epoch: int
+
+  def batch(self, seed, step):
+    """This process's part of the global batch for `step` (remainders dropped per epoch)."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    parts = [(sh, _permutation(len(sh), seed, epoch, sid)[i * self.shard_batch:
+                                                          (i + 1) * self.shard_batch])
+             for sh, sid in zip(self.shards, self.ids)]
+    return {'image': np.concatenate([sh.images[idx] for sh, idx in parts]),
+            'label': np.concatenate([sh.labels[idx] for sh, idx in parts])}
 
 
-def eval_batches(split, batch_size):
-  """Fixed-shape batches over the split in order; the last is zero-padded with mask 0."""
-  for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
+def load_train(builder, split, batch_size, num_shards, process_index, process_count):
+  if num_shards % process_count or batch_size % num_shards:
+    raise UserError(f'input_shards={num_shards} must be a multiple of the {process_count} '
+                    f'process(es) and divide batch_size={batch_size}')
+  total = num_examples(builder, split)
+  shard_batch = batch_size // num_shards
+  steps_per_epoch = (total // num_shards) // shard_batch
+  if steps_per_epoch == 0:
+    raise UserError(f'train split {split!r} has {total} examples, fewer than '
+                    f'batch_size={batch_size}')
+  per_process = num_shards // process_count
+  ids = tuple(range(process_index * per_process, (process_index + 1) * per_process))
+  shards = tuple(load(builder, shard(split, i, num_shards)) for i in ids)
+  return TrainShards(shards, ids, shard_batch, steps_per_epoch)
+
+
+def eval_batches(split, batch_size, num_batches=None):
+  """Fixed-shape batches over the split in order; padding rows have mask 0.
+
+  `num_batches` (default: enough for the split) lets every process run the same
+  number of batches when their parts of the eval split differ in size.
+  """
+  if num_batches is None:
+    num_batches = -(-len(split) // batch_size)
+  for b in range(num_batches):
+    images = split.images[b * batch_size:(b + 1) * batch_size]
+    labels = split.labels[b * batch_size:(b + 1) * batch_size]
     pad = batch_size - len(labels)
     mask = np.concatenate([np.ones(len(labels), bool), np.zeros(pad, bool)])
     if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      images = np.concatenate([images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
     yield {'image': images, 'label': labels, 'mask': mask}

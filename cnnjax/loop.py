@@ -60,12 +60,14 @@ class Trainer:
     parallel.check_divisible('batch_size', config.batch_size, self.mesh)
     parallel.check_divisible('eval_batch_size', config.eval_batch_size, self.mesh)
     self.builder = data.info(config.dataset, config.data_dir, config.download)
-    self.eval_split = data.load(self.builder, config.eval_split)
-    self.train_split = data.load(self.builder, config.train_split) if for_training else None
+    # Each process reads only its own part of the data.
+    p, count = jax.process_index(), jax.process_count()
+    self.eval_split = data.load(self.builder, data.shard(config.eval_split, p, count))
+    self.eval_total = data.num_examples(self.builder, config.eval_split)
+    self.train_data = data.load_train(
+        self.builder, config.train_split, config.batch_size, config.input_shards or count,
+        p, count) if for_training else None
     num_train = data.num_examples(self.builder, config.train_split)
-    if num_train < config.batch_size:
-      raise UserError(f'train split {config.train_split!r} has {num_train} examples, '
-                      f'fewer than batch_size={config.batch_size}')
     num_classes = self.builder.info.features['label'].num_classes
     self.model = models.create(config.model, num_classes)
     self.learning_rate = optim.learning_rate_fn(config, num_train)
@@ -91,21 +93,17 @@ class Trainer:
         f'({jax.process_count()} process(es))')
     num_train = data.num_examples(self.builder, c.train_split)
     log(f'data: {c.dataset} {c.train_split}={num_train:,} examples, '
-        f'{c.eval_split}={len(self.eval_split):,} examples')
-
-  def local_batch(self, batch):
-    """This process's rows of a global batch (each process feeds its own slice)."""
-    n = len(next(iter(batch.values())))
-    per_process = n // jax.process_count()
-    start = jax.process_index() * per_process
-    return {k: v[start:start + per_process] for k, v in batch.items()}
+        f'{c.eval_split}={self.eval_total:,} examples')
 
   def evaluate(self, state=None):
-    """Precision @ 1 over exactly the examples of the eval split."""
+    """Precision @ 1 over exactly the examples of the eval split, on every device."""
     state = self.state if state is None else state
     totals = {'correct': 0, 'count': 0, 'loss_sum': 0.0}
-    for batch in data.eval_batches(self.eval_split, self.config.eval_batch_size):
-      sums = self.eval_step(state, parallel.put_batch(self.local_batch(batch), self.batch_sharding))
+    local_batch = self.config.eval_batch_size // jax.process_count()
+    largest_part = -(-self.eval_total // jax.process_count())
+    batches = data.eval_batches(self.eval_split, local_batch, -(-largest_part // local_batch))
+    for batch in batches:
+      sums = self.eval_step(state, parallel.put_batch(batch, self.batch_sharding))
       for k in totals:
         totals[k] += sums[k].item()
     count = totals['count']
@@ -113,8 +111,8 @@ class Trainer:
             'count': count, 'loss': totals['loss_sum'] / count}
 
   def train_batch(self, step):
-    batch = data.train_batch(self.train_split, self.config.batch_size, self.config.seed, step)
-    return parallel.put_batch(self.local_batch(batch), self.batch_sharding)
+    batch = self.train_data.batch(self.config.seed, step)
+    return parallel.put_batch(batch, self.batch_sharding)
 
 
 # Fields that fix the shapes of the train state: resuming with another value fails.
