@@ -32,7 +32,11 @@ def base_config():
   c.keep_checkpoints = 3
   # Model and loss.
   c.model = 'cifar_lrn'
-  c.weight_loss = ml_collections.ConfigDict()  # layer name -> wl (times tf.nn.l2_loss(kernel))
+  # layer name -> wl, adding wl * tf.nn.l2_loss(kernel) to the loss; '*': every other layer.
+  c.weight_loss = ml_collections.ConfigDict()
+  # > 0: keep an exponential moving average of the params (TF's, with num_updates=step)
+  # in the train state and evaluate with it.
+  c.ema_decay = 0.0
   # Optimizer and schedule.
   c.optimizer = 'adam'  # sgd | momentum | adam
   c.learning_rate = 1e-3
@@ -60,6 +64,7 @@ def validate(c):
   for field in ('num_train_steps', 'eval_every', 'checkpoint_every', 'input_shards'):
     need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
   need(c.learning_rate > 0, f'learning_rate must be positive, got {c.learning_rate}')
+  need(0 <= c.ema_decay < 1, f'ema_decay must be in [0, 1), got {c.ema_decay}')
   need(c.augment.train_crop in ('random', 'central'),
        f"augment.train_crop must be 'random' or 'central', got {c.augment.train_crop!r}")
   need(c.augment.scale in ('standardize', 'unit'),

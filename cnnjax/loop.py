@@ -44,7 +44,7 @@ def weight_loss_terms(config, params):
   """config.weight_loss as ((layer, wl), ...), each layer checked against the model."""
   terms = tuple(sorted(config.weight_loss.items()))
   for name, _ in terms:
-    if name not in params or 'kernel' not in params[name]:
+    if name != '*' and (name not in params or 'kernel' not in params[name]):
       raise UserError(f'bad config: weight_loss names {name!r}, which is not a layer of '
                       f'{config.model} (layers: {", ".join(params)})')
   return terms
@@ -75,12 +75,14 @@ class Trainer:
     self.replicated = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
     init = functools.partial(train.create_train_state, model=self.model, tx=tx,
-                             input_shape=input_shape(config, self.eval_split))
+                             input_shape=input_shape(config, self.eval_split),
+                             ema=config.ema_decay > 0)
     self.state = jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(config.seed))
     coefficients = weight_loss_terms(config, self.state.params)
     augment_cfg = config.augment.lock()
     self.train_step = jax.jit(
-        functools.partial(train.train_step, augment_cfg=augment_cfg, coefficients=coefficients),
+        functools.partial(train.train_step, augment_cfg=augment_cfg, coefficients=coefficients,
+                          ema_decay=config.ema_decay),
         out_shardings=(self.replicated, self.replicated))
     self.eval_step = jax.jit(functools.partial(train.eval_step, augment_cfg=augment_cfg),
                              out_shardings=self.replicated)
@@ -115,14 +117,14 @@ class Trainer:
     return parallel.put_batch(batch, self.batch_sharding)
 
 
-# Fields that fix the shapes of the train state: resuming with another value fails.
-STATE_FIELDS = ('model', 'dataset', 'optimizer', 'augment.crop_size')
-
-
-def _get(config, dotted):
-  for key in dotted.split('.'):
-    config = config[key]
-  return config
+# What fixes the shapes of the train state: resuming with another value fails.
+STATE_FIELDS = {
+    'model': lambda c: c.model,
+    'dataset': lambda c: c.dataset,
+    'optimizer': lambda c: c.optimizer,
+    'augment.crop_size': lambda c: c.augment.crop_size,
+    'ema_decay > 0': lambda c: c.get('ema_decay', 0.0) > 0,
+}
 
 
 def load_saved_config(workdir):
@@ -139,8 +141,8 @@ def check_resumable(config, workdir):
   saved = load_saved_config(workdir)
   if saved is None:
     return
-  for field in STATE_FIELDS:
-    before, now = _get(saved, field), _get(config, field)
+  for field, value in STATE_FIELDS.items():
+    before, now = value(saved), value(config)
     if before != now:
       raise UserError(f'workdir {workdir} was trained with {field}={before!r}, this config has '
                       f'{field}={now!r}; use a new --workdir (or the same {field})')

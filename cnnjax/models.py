@@ -84,5 +84,131 @@ def cifar_lrn(num_classes=10):
   return LrnNet(num_classes, lrn, inits, norm2_before_pool2=True)
 
 
+@register('cifar_cookbook')
+def cifar_cookbook(num_classes=10):
+  """Recipe B (seed 002): LRN after both pools, r=5/bias 2/alpha 1e-3; N(0.05) weights, zero biases."""
+  lrn = dict(depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75)
+  inits = {name: (0.05, 0.0) for name in ('conv1', 'conv2', 'local3', 'local4', 'logits')}
+  return LrnNet(num_classes, lrn, inits, norm2_before_pool2=False)
+
+
+class MnistCnn(nn.Module):
+  """Recipe D (seed 003): the TF 'Deep MNIST for experts' network."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    pool = functools.partial(ops.max_pool, window=2, stride=2, padding='SAME')
+    x = pool(nn.relu(conv(32, 0.1, 0.1, 'conv1')(x)))
+    x = pool(nn.relu(conv(64, 0.1, 0.1, 'conv2')(x)))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(dense(1024, 0.1, 0.1, 'fc1')(x))
+    x = nn.Dropout(0.5, deterministic=not train)(x)  # keep_prob 0.5 in training only
+    return dense(self.num_classes, 0.1, 0.1, 'fc2')(x)
+
+
+@register('mnist_cnn')
+def mnist_cnn(num_classes=10):
+  return MnistCnn(num_classes)
+
+
+class DeepCnn(nn.Module):
+  """Recipe E (seed 000's cs231n sketch): [conv-ReLU, conv-ReLU, max pool 2x2] x 3 -> FC.
+
+  The seed gives no widths: 3x3 convs of 64, 128, 256 channels (32 -> 16 -> 8 -> 4),
+  He-normal weights and zero biases, then one fully connected layer to the classes.
+  """
+  num_classes: int = 10
+  widths: tuple = (64, 128, 256)
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    he = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+    for block, width in enumerate(self.widths, start=1):
+      for i in (1, 2):
+        x = nn.relu(nn.Conv(width, (3, 3), padding='SAME', kernel_init=he,
+                            name=f'conv{block}_{i}')(x))
+      x = ops.max_pool(x, 2, 2, 'SAME')
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes, kernel_init=he, name='fc')(x)
+
+
+@register('cifar_deep')
+def cifar_deep(num_classes=10):
+  return DeepCnn(num_classes)
+
+
+# (channels, dropout rate after each conv's BN-ReLU), per group; Paddle's img_conv_group.
+VGG16_CIFAR_GROUPS = ((64, (0.3, 0.0)), (128, (0.4, 0.0)), (256, (0.4, 0.4, 0.0)),
+                      (512, (0.4, 0.4, 0.0)), (512, (0.4, 0.4, 0.0)))
+
+
+class Vgg16Cifar(nn.Module):
+  """Recipe F, CIFAR version (seed 004, PaddlePaddle): VGG-16 with batch norm and dropout.
+
+  Each 3x3 conv is followed by batch norm + ReLU and dropout at the seed's rate,
+  each group by a 2x2/2 max pool; then dropout 0.5 -> fc 512 (linear) -> BN + ReLU
+  -> dropout 0.5 -> fc 512 (linear) -> fc to the classes. Batch norm as Paddle's:
+  moving-average momentum 0.9, epsilon 1e-5; under data parallelism its batch
+  statistics are those of the global batch. Convs feed batch norm, so no bias.
+  """
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5)
+    for g, (width, drops) in enumerate(VGG16_CIFAR_GROUPS, start=1):
+      for i, rate in enumerate(drops, start=1):
+        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=False, name=f'conv{g}_{i}')(x)
+        x = nn.relu(norm(name=f'bn{g}_{i}')(x))
+        if rate:
+          x = nn.Dropout(rate, deterministic=not train)(x)
+      x = ops.max_pool(x, 2, 2, 'SAME')
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.Dense(512, name='fc1')(x)
+    x = nn.relu(norm(name='bn_fc1')(x))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.Dense(512, name='fc2')(x)
+    return nn.Dense(self.num_classes, name='logits')(x)
+
+
+@register('cifar_vgg16')
+def cifar_vgg16(num_classes=10):
+  return Vgg16Cifar(num_classes)
+
+
+class Vgg16ImageNet(nn.Module):
+  """Recipe F, ImageNet shape (seed 004, TF): 13 3x3 convs + 3 fc, ~138M parameters.
+
+  Xavier (Glorot uniform) weights, conv biases 0, fc biases 0.1, dropout on the
+  fc layers. The seed uses fc width 2048; 4096 is VGG-16's, the default here.
+  """
+  num_classes: int = 1000
+  fc_width: int = 4096
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    xavier = nn.initializers.glorot_uniform()
+    for g, (width, repeats) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)), 1):
+      for i in range(1, repeats + 1):
+        x = nn.relu(nn.Conv(width, (3, 3), padding='SAME', kernel_init=xavier,
+                            name=f'conv{g}_{i}')(x))
+      x = ops.max_pool(x, 2, 2, 'SAME')
+    x = x.reshape(x.shape[0], -1)
+    for i in (1, 2):
+      x = nn.relu(nn.Dense(self.fc_width, kernel_init=xavier,
+                           bias_init=nn.initializers.constant(0.1), name=f'fc{i}')(x))
+      x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=xavier,
+                    bias_init=nn.initializers.constant(0.1), name='fc3')(x)
+
+
+@register('vgg16_imagenet')
+def vgg16_imagenet(num_classes=1000):
+  return Vgg16ImageNet(num_classes)
+
+
 def param_count(params: Any) -> int:
   return sum(int(jnp.size(p)) for p in jax.tree_util.tree_leaves(params))

@@ -15,27 +15,38 @@ from cnnjax import augment, ops
 
 
 class TrainState(train_state.TrainState):
-  """params + optimizer state + step, and the base PRNG key of the run.
+  """params + optimizer state + step, the run's base PRNG key, and the optional
+  batch-norm statistics and weight averages (None when the recipe has none).
 
   The key for step s is fold_in(rng, s): a pure function of (seed, step), so a
-  resumed run draws exactly the augmentations an uninterrupted one would.
+  resumed run draws exactly the augmentations and dropout an uninterrupted one would.
   """
   rng: jax.Array
+  batch_stats: Any = None
+  ema_params: Any = None
 
 
-def create_train_state(key, model, tx, input_shape):
-  init_key, rng = jax.random.split(key)
-  variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx, rng=rng)
+def create_train_state(key, model, tx, input_shape, ema=False):
+  init_key, dropout_key, rng = jax.random.split(key, 3)
+  variables = model.init({'params': init_key, 'dropout': dropout_key},
+                         jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
+                           batch_stats=variables.get('batch_stats'),
+                           ema_params=params if ema else None)
 
 
 def weight_loss(params, coefficients):
   """Sum over layers of wl * tf.nn.l2_loss(kernel): TF's 'losses' collection.
 
-  `coefficients` is ((layer_name, wl), ...); biases carry no weight loss.
+  `coefficients` is ((layer_name, wl), ...); the name '*' sets the wl of every
+  layer not named. Biases and batch-norm parameters carry no weight loss.
   """
-  return sum((wl * ops.l2_loss(params[name]['kernel']) for name, wl in coefficients if wl),
-             jnp.float32(0))
+  wl_of = dict(coefficients)
+  default = wl_of.pop('*', 0.0)
+  terms = [wl_of.get(name, default) * ops.l2_loss(layer['kernel'])
+           for name, layer in params.items() if 'kernel' in layer and wl_of.get(name, default)]
+  return sum(terms, jnp.float32(0))
 
 
 def cross_entropy(logits, labels):
@@ -43,32 +54,66 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def loss_fn(params, apply_fn, images, labels, coefficients):
-  """Mean cross-entropy + weight losses, as the seeds' tf.add_n(losses)."""
-  logits = apply_fn({'params': params}, images, train=True)
+def _variables(state, params):
+  variables = {'params': params}
+  if state.batch_stats is not None:
+    variables['batch_stats'] = state.batch_stats
+  return variables
+
+
+def loss_fn(params, state, images, labels, coefficients, dropout_key):
+  """Mean cross-entropy + weight losses, as the seeds' tf.add_n(losses).
+
+  Returns (loss, (cross_entropy, logits, new batch-norm statistics or None)).
+  """
+  rngs = {'dropout': dropout_key}
+  if state.batch_stats is None:
+    logits, batch_stats = state.apply_fn(_variables(state, params), images, train=True,
+                                         rngs=rngs), None
+  else:
+    logits, updates = state.apply_fn(_variables(state, params), images, train=True, rngs=rngs,
+                                     mutable=['batch_stats'])
+    batch_stats = updates['batch_stats']
   ce = jnp.mean(cross_entropy(logits, labels))
-  return ce + weight_loss(params, coefficients), (ce, logits)
+  return ce + weight_loss(params, coefficients), (ce, logits, batch_stats)
 
 
-def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, coefficients):
-  """One optimizer step on a uint8 batch; augmentation keyed by (rng, step)."""
+def ema_update(ema_params, params, step, decay):
+  """tf.train.ExponentialMovingAverage(decay, num_updates=step).apply(): the decay
+  is min(decay, (1 + step) / (10 + step)), step being the updated global step."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
+
+
+def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, coefficients,
+               ema_decay=0.0):
+  """One optimizer step on a uint8 batch; augmentation and dropout keyed by (rng, step)."""
   key = jax.random.fold_in(state.rng, state.step)
   images = augment.preprocess(key, batch['image'], augment_cfg, train=True)
+  dropout_key = jax.random.fold_in(key, 1)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (ce, logits)), grads = grad_fn(state.params, state.apply_fn, images, batch['label'],
-                                        coefficients)
+  (loss, (ce, logits, batch_stats)), grads = grad_fn(
+      state.params, state, images, batch['label'], coefficients, dropout_key)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.ema_params is not None:
+    new_state = new_state.replace(ema_params=ema_update(
+        state.ema_params, new_state.params, new_state.step, ema_decay))
   metrics = {
       'loss': loss,
       'cross_entropy': ce,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
   }
-  return state.apply_gradients(grads=grads), metrics
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, Any], *, augment_cfg):
-  """Sums over the real (mask 1) examples: top-1 correct, count, cross-entropy."""
+  """Sums over the real (mask 1) examples: top-1 correct, count, cross-entropy.
+
+  Uses the weight averages when the recipe keeps them (as the TF tutorial's eval).
+  """
   images = augment.preprocess(None, batch['image'], augment_cfg, train=False)
-  logits = state.apply_fn({'params': state.params}, images, train=False)
+  params = state.params if state.ema_params is None else state.ema_params
+  logits = state.apply_fn(_variables(state, params), images, train=False)
   mask = batch['mask']
   correct = (jnp.argmax(logits, -1) == batch['label']) & mask
   return {
