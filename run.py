@@ -15,9 +15,10 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and outputs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench'],
                           'train: train and evaluate, resuming from the workdir; '
-                          'eval: evaluate a checkpoint of the workdir without training.')
+                          'eval: evaluate a checkpoint of the workdir without training; '
+                          'bench: time forward and forward-backward on synthetic input.')
 _STEP = flags.DEFINE_integer('step', None, 'With --mode=eval: the checkpoint step (default: latest).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process run through jax.distributed.initialize(), which '
@@ -89,14 +90,19 @@ def init_distributed():
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value:
+  if not _WORKDIR.value and _MODE.value != 'bench':
     fail('--workdir is required')
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
   init_distributed()
   from cnnjax import loop
   from cnnjax.errors import UserError
   try:
-    if _MODE.value == 'train':
+    if _MODE.value == 'bench':
+      if _CONFIG.value is None:
+        fail('--config is required (e.g. --config configs/imagenet_vgg16.py)')
+      from cnnjax import bench
+      bench.run(load_config())
+    elif _MODE.value == 'train':
       if _CONFIG.value is None:
         fail('--config is required (e.g. --config configs/cifar_lrn.py)')
       loop.train_and_evaluate(load_config(), _WORKDIR.value)

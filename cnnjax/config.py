@@ -50,6 +50,9 @@ def base_config():
   c.augment = ml_collections.ConfigDict(dict(
       crop_size=24, train_crop='random', flip=True, brightness=63.0, contrast=(0.2, 1.8),
       scale='standardize'))
+  # --mode=bench: synthetic input; 0 takes the value from batch_size / the dataset.
+  c.bench = ml_collections.ConfigDict(dict(
+      batch_size=0, image_size=0, channels=0, num_classes=0, steps=200, burn_in=10))
   return c
 
 

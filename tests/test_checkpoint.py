@@ -89,8 +89,6 @@ def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
-# Reading the truncated file leaves tensorstore futures that fail when collected.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, reference):
   loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
   files = [p for p in (tmp_path / 'checkpoints' / '8').rglob('*') if p.is_file()]

@@ -1,0 +1,159 @@
+"""The recipes' numerics against TensorFlow itself: schedules, initializers, whole
+networks (forward and gradients with copied weights), and the random image ops'
+distributions."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from cnnjax import augment, models, optim, train
+from configs import cifar_cookbook, cifar_lrn, cifar_tutorial
+
+
+# --- schedules ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('get_config,steps', [
+    (cifar_cookbook.get_config, [0, 1, 249, 250, 251, 499, 500, 5000, 19999]),
+    (cifar_tutorial.get_config, [0, 100000, 136717, 136718, 136719, 300000]),
+])
+def test_exponential_decay_matches_tf_staircase(tf, get_config, steps):
+  config = get_config()
+  ours = optim.learning_rate_fn(config, 50000)
+  tf_schedule = tf.keras.optimizers.schedules.ExponentialDecay(
+      config.learning_rate, optim.decay_steps(config, 50000), config.decay_rate, staircase=True)
+  for step in steps:
+    np.testing.assert_allclose(float(ours(step)), float(tf_schedule(step)), rtol=1e-6)
+
+
+def test_tutorial_decay_steps_are_tfs():
+  assert optim.decay_steps(cifar_tutorial.get_config(), 50000) == 136718
+
+
+# --- initializers -----------------------------------------------------------------------
+
+def test_truncated_normal_matches_tf_distribution(tf):
+  ours = np.asarray(models.truncated_normal(0.04)(jax.random.PRNGKey(0), (20000,)))
+  theirs = tf.random.truncated_normal((20000,), stddev=0.04, seed=1).numpy()
+  assert np.abs(ours).max() <= 0.08 and np.abs(theirs).max() <= 0.08
+  assert stats.ks_2samp(ours, theirs).pvalue > 0.01
+  np.testing.assert_allclose(ours.std(), theirs.std(), rtol=0.03)
+
+
+# --- whole networks ---------------------------------------------------------------------
+
+def tf_lrn_net(tf, p, x, lrn, norm2_before_pool2):
+  """Recipes A/B written with TF ops, as the seeds write them."""
+  def conv(h, name):
+    return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(h, p[name]['kernel'], 1, 'SAME'),
+                                     p[name]['bias']))
+
+  def pool(h):
+    return tf.nn.max_pool2d(h, 3, 2, 'SAME')
+
+  def norm(h):
+    return tf.nn.lrn(h, **lrn)
+
+  h = norm(pool(conv(x, 'conv1')))
+  h = conv(h, 'conv2')
+  h = pool(norm(h)) if norm2_before_pool2 else norm(pool(h))
+  h = tf.reshape(h, [x.shape[0], -1])
+  h = tf.nn.relu(tf.matmul(h, p['local3']['kernel']) + p['local3']['bias'])
+  h = tf.nn.relu(tf.matmul(h, p['local4']['kernel']) + p['local4']['bias'])
+  return tf.matmul(h, p['logits']['kernel']) + p['logits']['bias']
+
+
+@pytest.mark.parametrize('model_name,lrn,norm2_before_pool2,weight_loss', [
+    ('cifar_lrn', dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75), True,
+     dict(local3=0.004, local4=0.004, logits=0.004)),
+    ('cifar_cookbook', dict(depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75), False, {}),
+])
+def test_network_logits_and_gradients_match_tf(tf, model_name, lrn, norm2_before_pool2,
+                                               weight_loss):
+  model = models.create(model_name, 10)
+  import optax
+  state = train.create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (24, 24, 3))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(16, 24, 24, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, 16).astype(np.int32)
+  terms = tuple(sorted(weight_loss.items()))
+
+  (loss, (_, logits, _)), grads = jax.value_and_grad(train.loss_fn, has_aux=True)(
+      state.params, state, jnp.asarray(images), jnp.asarray(labels), terms,
+      jax.random.PRNGKey(1))
+
+  tf_params = jax.tree.map(lambda a: tf.Variable(np.asarray(a)), state.params)
+  with tf.GradientTape() as tape:
+    tf_logits = tf_lrn_net(tf, tf_params, tf.constant(images), lrn, norm2_before_pool2)
+    ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf_logits))
+    tf_loss = tf.add_n([ce] + [wl * tf.nn.l2_loss(tf_params[name]['kernel'])
+                               for name, wl in weight_loss.items()])
+  tf_grads = tape.gradient(tf_loss, tf_params)
+
+  np.testing.assert_allclose(logits, tf_logits.numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(loss, tf_loss.numpy(), rtol=1e-4)
+  for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(
+      jax.tree.map(lambda g: g.numpy(), tf_grads)), strict=True):
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours / scale, theirs / scale, atol=1e-4)
+
+
+# --- random image ops' distributions -----------------------------------------------------
+
+N = 2000
+
+
+def tf_draws(tf, op):
+  tf.random.set_seed(1234)
+  return np.array([op() for _ in range(N)])
+
+
+def our_draws(fn):
+  keys = jax.random.split(jax.random.PRNGKey(1234), N)
+  return np.asarray(jax.vmap(fn)(keys))
+
+
+def test_brightness_delta_is_tfs_uniform(tf):
+  zero = tf.zeros((1, 1, 1))
+  theirs = tf_draws(tf, lambda: tf.image.random_brightness(zero, 63.0).numpy().item())
+  ours = our_draws(lambda k: augment.random_brightness(k, jnp.zeros((1, 1, 1, 1)), 63.0)[0, 0, 0, 0])
+  for d in (ours, theirs):
+    assert d.min() >= -63 and d.max() <= 63
+    assert stats.kstest(d, stats.uniform(-63, 126).cdf).pvalue > 0.01
+  assert stats.ks_2samp(ours, theirs).pvalue > 0.01
+
+
+def test_contrast_factor_is_tfs_uniform(tf):
+  # Pixels 0 and 2 (mean 1): the output's second pixel is 1 + factor.
+  image = np.array([0.0, 2.0], np.float32).reshape(1, 2, 1)
+  theirs = tf_draws(tf, lambda: tf.image.random_contrast(image, 0.2, 1.8).numpy()[0, 1, 0] - 1)
+  ours = our_draws(lambda k: augment.random_contrast(k, jnp.asarray(image[None]), 0.2, 1.8)
+                   [0, 0, 1, 0] - 1)
+  for f in (ours, theirs):
+    assert f.min() >= 0.2 - 1e-5 and f.max() <= 1.8 + 1e-5
+    assert stats.kstest(f, stats.uniform(0.2, 1.6).cdf).pvalue > 0.01
+  assert stats.ks_2samp(ours, theirs).pvalue > 0.01
+
+
+def test_flip_probability_is_tfs_one_half(tf):
+  image = np.array([0.0, 1.0], np.float32).reshape(1, 2, 1)
+  theirs = tf_draws(tf, lambda: tf.image.random_flip_left_right(image).numpy()[0, 0, 0])
+  ours = our_draws(lambda k: augment.random_flip_left_right(k, jnp.asarray(image[None]))
+                   [0, 0, 0, 0])
+  for flips in (ours, theirs):
+    assert stats.binomtest(int(flips.sum()), N, 0.5).pvalue > 0.01
+  table = [[ours.sum(), N - ours.sum()], [theirs.sum(), N - theirs.sum()]]
+  assert stats.chi2_contingency(table).pvalue > 0.01
+
+
+def test_random_crop_offsets_are_tfs_uniform(tf):
+  # A 32x32 image whose pixel value is its row: the crop's first row is the offset.
+  rows = np.repeat(np.arange(32, dtype=np.float32)[:, None, None], 32, axis=1)
+  theirs = tf_draws(tf, lambda: tf.image.random_crop(rows, (24, 24, 1)).numpy()[0, 0, 0])
+  ours = our_draws(lambda k: augment.random_crop(k, jnp.asarray(rows[None]), 24)[0, 0, 0, 0])
+  bins = np.arange(10) - 0.5
+  ours_counts, theirs_counts = np.histogram(ours, bins)[0], np.histogram(theirs, bins)[0]
+  for counts in (ours_counts, theirs_counts):
+    assert counts.sum() == N  # every offset in 0..8
+    assert stats.chisquare(counts).pvalue > 0.01
+  assert stats.chi2_contingency([ours_counts, theirs_counts]).pvalue > 0.01
