@@ -19,11 +19,21 @@ def tf():
   return tensorflow
 
 
-def small_config(**overrides):
-  """Recipe A on small real slices: fast enough for a test, real enough to learn."""
-  from configs import cifar_lrn
-  c = cifar_lrn.get_config()
-  c.train_split, c.eval_split = 'train[:512]', 'test[:300]'
-  c.batch_size, c.eval_batch_size = 64, 128  # 300 = 2 * 128 + 44: a padded last batch
+def recipe_config(name, **overrides):
+  """configs/<name>.py's config with `overrides` applied, as --config.FIELD=VALUE would."""
+  import importlib
+  c = importlib.import_module(f'configs.{name}').get_config()
   c.update(overrides)
   return c
+
+
+def as_flags(overrides):
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+def small_config(**overrides):
+  """Recipe A on small real slices: fast enough for a test, real enough to learn."""
+  # 300 = 2 * 128 + 44: a padded last batch.
+  return recipe_config('cifar_lrn', **dict(dict(
+      train_split='train[:512]', eval_split='test[:300]', batch_size=64, eval_batch_size=128),
+      **overrides))
