@@ -2,7 +2,8 @@
 
 Every config field can be overridden (--config.batch_size=256). Re-running with
 the same --workdir resumes from its latest checkpoint; --mode=eval evaluates a
-checkpoint without training. Bad input ends with one line on stderr and exit
+checkpoint without training, --mode=predict classifies image files, --mode=plot
+draws the run's curves, --mode=bench times the model. Bad input ends with one line on stderr and exit
 status 2; SIGTERM/SIGINT checkpoint and exit 0.
 """
 import os
@@ -15,11 +16,17 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and outputs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench'],
-                          'train: train and evaluate, resuming from the workdir; '
-                          'eval: evaluate a checkpoint of the workdir without training; '
-                          'bench: time forward and forward-backward on synthetic input.')
+MODES = ['train', 'eval', 'predict', 'plot', 'bench']
+_MODE = flags.DEFINE_string('mode', 'train',
+                            'train: train and evaluate, resuming from the workdir; '
+                            'eval: evaluate a checkpoint of the workdir without training; '
+                            'predict: classify --images with the latest checkpoint; '
+                            'plot: write workdir/plots/*.png from metrics.jsonl; '
+                            'bench: time forward and forward-backward on synthetic input.')
 _STEP = flags.DEFINE_integer('step', None, 'With --mode=eval: the checkpoint step (default: latest).')
+_IMAGES = flags.DEFINE_list('images', [], 'With --mode=predict: image files (comma-separated, '
+                            'or space-separated after the flag).')
+_TOP_K = flags.DEFINE_integer('top_k', 3, 'With --mode=predict: classes shown per image.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process run through jax.distributed.initialize(), which '
     'finds the coordinator itself on SLURM, Kubernetes (JobSet), MPI and TPU clusters.')
@@ -88,24 +95,36 @@ def init_distributed():
 
 
 def main(argv):
-  if len(argv) > 1:
-    fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value and _MODE.value != 'bench':
+  mode = _MODE.value
+  if mode not in MODES:
+    fail(f'unknown mode {mode!r} (modes: {", ".join(MODES)})')
+  extra = argv[1:]
+  if extra and mode != 'predict':
+    fail(f'unexpected arguments: {" ".join(extra)}')
+  if not _WORKDIR.value and mode != 'bench':
     fail('--workdir is required')
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
   init_distributed()
   from cnnjax import loop
   from cnnjax.errors import UserError
   try:
-    if _MODE.value == 'bench':
+    if mode == 'bench':
       if _CONFIG.value is None:
         fail('--config is required (e.g. --config configs/imagenet_vgg16.py)')
       from cnnjax import bench
       bench.run(load_config())
-    elif _MODE.value == 'train':
+    elif mode == 'train':
       if _CONFIG.value is None:
         fail('--config is required (e.g. --config configs/cifar_lrn.py)')
       loop.train_and_evaluate(load_config(), _WORKDIR.value)
+    elif mode == 'plot':
+      from cnnjax import plots
+      for path in plots.write(_WORKDIR.value):
+        print(f'wrote {path}')
+    elif mode == 'predict':
+      from cnnjax import predict
+      config = load_config() if _CONFIG.value is not None else None
+      predict.run(_WORKDIR.value, _IMAGES.value + extra, _TOP_K.value, config)
     else:
       config = load_config() if _CONFIG.value is not None else loop.load_saved_config(_WORKDIR.value)
       if config is None:

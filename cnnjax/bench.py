@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import config as config_lib, loop, models, optim, parallel, train
+from cnnjax import config as config_lib, loop, models, parallel, train
 from cnnjax.errors import UserError
 
 # (image size, channels, classes) of datasets whose shapes bench knows without TFDS.
@@ -61,13 +61,10 @@ def run(config):
   crop = config.augment.crop_size
   if crop and crop > size:
     raise UserError(f'augment.crop_size={crop} is larger than the {size}x{size} input')
-  model = models.create(config.model, classes)
-  tx = optim.make(config, optim.learning_rate_fn(config, 50000))
-  shape = (crop, crop, channels) if crop else (size, size, channels)
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  init = functools.partial(train.create_train_state, model=model, tx=tx, input_shape=shape,
-                           ema=config.ema_decay > 0)
-  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  # 50,000: a nominal train-set size, for schedules counted in epochs.
+  _, _, state = loop.initial_state(config, classes, 50000, (size, size, channels), replicated)
+  shape = loop.input_shape(config, (size, size, channels))
   rng = np.random.default_rng(0)
   batch_data = parallel.put_batch({
       'image': rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8),

@@ -30,6 +30,8 @@ def base_config():
   c.eval_every = 1000  # 0: evaluate only at the end
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  # auto: a progress bar on an interactive terminal, log lines otherwise; or bar | lines.
+  c.progress = 'auto'
   # Model and loss.
   c.model = 'cifar_lrn'
   # layer name -> wl, adding wl * tf.nn.l2_loss(kernel) to the loss; '*': every other layer.
@@ -68,6 +70,8 @@ def validate(c):
     need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
   need(c.learning_rate > 0, f'learning_rate must be positive, got {c.learning_rate}')
   need(0 <= c.ema_decay < 1, f'ema_decay must be in [0, 1), got {c.ema_decay}')
+  need(c.get('progress', 'auto') in ('auto', 'bar', 'lines'),
+       f"progress must be 'auto', 'bar' or 'lines', got {c.get('progress')!r}")
   need(c.augment.train_crop in ('random', 'central'),
        f"augment.train_crop must be 'random' or 'central', got {c.augment.train_crop!r}")
   need(c.augment.scale in ('standardize', 'unit'),

@@ -12,10 +12,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnnjax import checkpoint, config as config_lib, data, models, optim, parallel, train
+from cnnjax import checkpoint, config as config_lib, data, models, optim, parallel, plots, train
 from cnnjax.errors import UserError
-
-LOG_FORMAT = 'step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)'
+from cnnjax.report import Reporter
 
 
 def log(message):
@@ -34,10 +33,27 @@ def prepare_workdir(workdir):
     raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
 
 
-def input_shape(config, split):
-  h, w, c = split.images.shape[1:]
+def input_shape(config, image_shape):
+  """The model's input shape: the dataset's images, or their crop."""
+  h, w, c = image_shape
   size = config.augment.crop_size
   return (size, size, c) if size else (h, w, c)
+
+
+def initial_state(config, num_classes, num_train, image_shape, sharding):
+  """(model, learning-rate schedule, TrainState initialised from config.seed)."""
+  model = models.create(config.model, num_classes)
+  learning_rate = optim.learning_rate_fn(config, num_train)
+  init = functools.partial(train.create_train_state, model=model,
+                           tx=optim.make(config, learning_rate),
+                           input_shape=input_shape(config, image_shape),
+                           ema=config.ema_decay > 0)
+  return model, learning_rate, jax.jit(init, out_shardings=sharding)(
+      jax.random.PRNGKey(config.seed))
+
+
+def num_classes(builder):
+  return builder.info.features['label'].num_classes
 
 
 def weight_loss_terms(config, params):
@@ -67,17 +83,11 @@ class Trainer:
     self.train_data = data.load_train(
         self.builder, config.train_split, config.batch_size, config.input_shards or count,
         p, count) if for_training else None
-    num_train = data.num_examples(self.builder, config.train_split)
-    num_classes = self.builder.info.features['label'].num_classes
-    self.model = models.create(config.model, num_classes)
-    self.learning_rate = optim.learning_rate_fn(config, num_train)
-    tx = optim.make(config, self.learning_rate)
     self.replicated = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
-    init = functools.partial(train.create_train_state, model=self.model, tx=tx,
-                             input_shape=input_shape(config, self.eval_split),
-                             ema=config.ema_decay > 0)
-    self.state = jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(config.seed))
+    self.model, self.learning_rate, self.state = initial_state(
+        config, num_classes(self.builder), data.num_examples(self.builder, config.train_split),
+        self.eval_split.images.shape[1:], self.replicated)
     coefficients = weight_loss_terms(config, self.state.params)
     augment_cfg = config.augment.lock()
     self.train_step = jax.jit(
@@ -188,10 +198,17 @@ def train_and_evaluate(config, workdir):
     if start is not None:
       log(f'resumed from the checkpoint at step {start}')
     write_config(config, workdir)
-    with StopSignals() as stop:
-      result = _loop(trainer, ckpt, stop)
+    reporter = Reporter(workdir, start or 0, config.num_train_steps, config.progress)
+    try:
+      with StopSignals() as stop:
+        result = _loop(trainer, ckpt, stop, reporter)
+    finally:
+      reporter.close()
   finally:
     ckpt.close()
+  if jax.process_index() == 0:
+    for path in plots.write(workdir):
+      log(f'wrote {path}')
   return result
 
 
@@ -213,10 +230,10 @@ def evaluate_checkpoint(config, workdir, step=None):
   finally:
     ckpt.close()
   log(f'restored the checkpoint at step {step}')
-  return _report_eval(trainer, step)
+  return _report_eval(trainer, step, Reporter())
 
 
-def _loop(trainer, ckpt, stop):
+def _loop(trainer, ckpt, stop, reporter):
   config = trainer.config
   state = trainer.state
   start = int(state.step)
@@ -224,6 +241,7 @@ def _loop(trainer, ckpt, stop):
   pending = None  # the previous step's metrics: checked one step late, so the device never idles
   for step in range(start, config.num_train_steps):
     state, metrics = trainer.train_step(state, trainer.train_batch(step))
+    reporter.advance()
     if pending is not None:
       _finite_loss(*pending)
     pending = (metrics, step)
@@ -232,18 +250,19 @@ def _loop(trainer, ckpt, stop):
       loss = _finite_loss(metrics, step)  # blocks: the interval's time is real compute
       now = time.perf_counter()
       sec_per_batch = (now - last_time) / (done - last_step)
-      log(LOG_FORMAT % (step, loss, config.batch_size / sec_per_batch, sec_per_batch))
+      reporter.train(step, loss, float(trainer.learning_rate(step)),
+                     config.batch_size / sec_per_batch, sec_per_batch)
       last_time, last_step = now, done
     if config.eval_every and done % config.eval_every == 0 and done != config.num_train_steps:
       trainer.state = state
-      _report_eval(trainer, done)
+      _report_eval(trainer, done, reporter)
       last_time, last_step = time.perf_counter(), done  # keep eval out of examples/sec
     if (config.checkpoint_every and done % config.checkpoint_every == 0) or stop.received:
       _finite_loss(metrics, step)  # never checkpoint a diverged state
       ckpt.save(done, state)
     if stop.received:
       ckpt.wait()
-      log(f'stopped by {stop.received} after step {done}; checkpoint written')
+      reporter.message(f'stopped by {stop.received} after step {done}; checkpoint written')
       trainer.state = state
       return {'step': done, 'stopped': stop.received}
   if pending is not None:
@@ -252,7 +271,7 @@ def _loop(trainer, ckpt, stop):
   final_step = int(state.step)
   if ckpt.latest_step() != final_step:
     ckpt.save(final_step, state)
-  return _report_eval(trainer, final_step)
+  return _report_eval(trainer, final_step, reporter)
 
 
 def _finite_loss(metrics, step):
@@ -262,8 +281,7 @@ def _finite_loss(metrics, step):
   return loss
 
 
-def _report_eval(trainer, step):
+def _report_eval(trainer, step, reporter):
   result = trainer.evaluate()
-  log(f'step {step}: precision @ 1 = {result["precision"]:.4f} '
-      f'({result["correct"]}/{result["count"]}), eval loss = {result["loss"]:.4f}')
+  reporter.eval(step, result)
   return dict(result, step=step)

@@ -106,14 +106,19 @@ def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, coeffic
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, Any], *, augment_cfg):
-  """Sums over the real (mask 1) examples: top-1 correct, count, cross-entropy.
+def eval_logits(state: TrainState, images, *, augment_cfg):
+  """Logits of uint8 images under the recipe's evaluation preprocessing.
 
   Uses the weight averages when the recipe keeps them (as the TF tutorial's eval).
   """
-  images = augment.preprocess(None, batch['image'], augment_cfg, train=False)
+  images = augment.preprocess(None, images, augment_cfg, train=False)
   params = state.params if state.ema_params is None else state.ema_params
-  logits = state.apply_fn(_variables(state, params), images, train=False)
+  return state.apply_fn(_variables(state, params), images, train=False)
+
+
+def eval_step(state: TrainState, batch: dict[str, Any], *, augment_cfg):
+  """Sums over the real (mask 1) examples: top-1 correct, count, cross-entropy."""
+  logits = eval_logits(state, batch['image'], augment_cfg=augment_cfg)
   mask = batch['mask']
   correct = (jnp.argmax(logits, -1) == batch['label']) & mask
   return {

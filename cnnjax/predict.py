@@ -1,0 +1,92 @@
+"""--mode=predict: classify image files with a run's latest checkpoint.
+
+predict(workdir, images) is the same from Python. Each image is read with Pillow,
+converted to the dataset's channels (RGB or grayscale), resized to the dataset's
+image size when it differs (bilinear, as the seed's inference resizes to 32x32),
+then given the recipe's evaluation preprocessing and model (EMA weights when the
+recipe keeps them).
+"""
+import os
+
+import jax
+import numpy as np
+
+from cnnjax import checkpoint, data, loop, parallel, train
+from cnnjax.errors import UserError
+
+
+def load_image(path, size, channels):
+  """An image file as uint8 size x size x channels."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as image:
+      image = image.convert('RGB' if channels == 3 else 'L')
+      if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+      pixels = np.asarray(image, dtype=np.uint8)
+  except FileNotFoundError:
+    raise UserError(f'image {path!r} does not exist') from None
+  except (UnidentifiedImageError, OSError) as e:
+    raise UserError(f'cannot read image {path!r}: {type(e).__name__}: '
+                    f'{str(e).splitlines()[0] if str(e) else "not an image"}') from None
+  return pixels.reshape(*size, channels)
+
+
+class Predictor:
+  """A run's latest checkpoint, ready to classify uint8 images."""
+
+  def __init__(self, workdir, config=None):
+    config = config or loop.load_saved_config(workdir)
+    if config is None:
+      raise UserError(f'no config.json in {workdir}: train there first, or pass --config')
+    self.builder = data.info(config.dataset, config.data_dir, config.download)
+    image = self.builder.info.features['image']
+    self.size, self.channels = tuple(image.shape[:2]), image.shape[2]
+    if None in self.size:
+      raise UserError(f'{config.dataset} has images of varying size; predict needs a fixed one')
+    self.names = self.builder.info.features['label'].names
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
+    replicated = parallel.replicated(parallel.make_mesh())
+    _, _, like = loop.initial_state(
+        config, len(self.names), data.num_examples(self.builder, config.train_split),
+        (*self.size, self.channels), replicated)
+    ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)
+    try:
+      self.step, self.state = ckpt.restore_latest(like, report=loop.log)
+    finally:
+      ckpt.close()
+    if self.step is None:
+      raise UserError(f'no checkpoint in {workdir}: train first, or point --workdir at a run')
+    self._probabilities = jax.jit(lambda state, images: jax.nn.softmax(train.eval_logits(
+        state, images, augment_cfg=config.augment.lock())))
+
+  def probabilities(self, images):
+    """Class probabilities (N x classes) of uint8 N x H x W x C images of the dataset's size."""
+    return np.asarray(self._probabilities(self.state, np.asarray(images, np.uint8)))
+
+  def top_k(self, images, k=3):
+    """Per image, the k most probable (class name, probability), most probable first."""
+    probs = self.probabilities(images)
+    order = np.argsort(-probs, axis=1, kind='stable')[:, :k]
+    return [[(self.names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+
+
+def predict(workdir, paths, k=3, config=None):
+  """Top-k (class name, probability) for each image file, with workdir's latest checkpoint.
+
+  config: the run's config; by default the config.json the run wrote in workdir.
+  """
+  predictor = Predictor(workdir, config)
+  images = np.stack([load_image(p, predictor.size, predictor.channels) for p in paths])
+  return predictor.top_k(images, k)
+
+
+def run(workdir, paths, k, config=None):
+  """--mode=predict: prints, per image, its top-k classes with probabilities."""
+  if not paths:
+    raise UserError('--mode=predict needs image files: --images a.png b.jpg ...')
+  if k < 1:
+    raise UserError(f'--top_k must be positive, got {k}')
+  for path, top in zip(paths, predict(workdir, paths, k, config)):
+    loop.log(f'{path}: ' + ', '.join(f'{name} {p:.1%}' for name, p in top))

@@ -1,0 +1,227 @@
+"""Around training: metrics.jsonl, TensorBoard, progress, plots, predict, bench, errors."""
+import fcntl
+import json
+import os
+import pty
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnjax import checkpoint, data, loop, predict, train
+from tests.conftest import ROOT, as_flags
+
+SMALL = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=64,
+             eval_batch_size=64, log_every=2, eval_every=3, checkpoint_every=4)
+
+
+def run(*args, config='configs/cifar_lrn.py', **kwargs):
+  command = [sys.executable, 'run.py'] + (['--config', config] if config else []) + list(args)
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def train_run(workdir, steps, **overrides):
+  result = run('--workdir', str(workdir), *as_flags(dict(SMALL, num_train_steps=steps,
+                                                         **overrides)))
+  assert result.returncode == 0, result.stderr
+  return result
+
+
+def history(workdir):
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return ([r['step'] for r in records if r['kind'] == 'train'],
+          [r['step'] for r in records if r['kind'] == 'eval'], records)
+
+
+def tensorboard(workdir):
+  """{tag: [(step, value)]} as TensorBoard shows them (purged steps hidden)."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'),
+                                           size_guidance={'scalars': 0})
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A 6-step run: train steps 0, 2, 4 logged, evaluations after 3 and 6 steps."""
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  result = train_run(workdir, 6)
+  return workdir, result.stdout
+
+
+def test_metrics_jsonl_and_tensorboard_hold_the_logged_steps(trained):
+  workdir, stdout = trained
+  train_steps, eval_steps, records = history(workdir)
+  assert train_steps == [0, 2, 4] and eval_steps == [3, 6]
+  logged = [float(x) for x in re.findall(r'^step \d+, loss = (\S+) ', stdout, re.M)]
+  train_records = [r for r in records if r['kind'] == 'train']
+  np.testing.assert_allclose([r['loss'] for r in train_records], logged, atol=0.005)
+  for r in train_records:
+    assert r['learning_rate'] == pytest.approx(1e-3) and r['examples_per_sec'] > 0
+    assert r['wall_time'] > 1.7e9
+  final = re.search(r'^step 6: precision @ 1 = (\S+) \((\d+)/100\)', stdout, re.M)
+  assert records[-1]['precision'] == pytest.approx(float(final[1]), abs=1e-4)
+  assert records[-1]['correct'] == int(final[2]) and records[-1]['count'] == 100
+  board = tensorboard(workdir)
+  assert [s for s, _ in board['train/loss']] == [0, 2, 4]
+  np.testing.assert_allclose([v for _, v in board['train/loss']],
+                             [r['loss'] for r in train_records], rtol=1e-6)
+  assert [s for s, _ in board['eval/precision']] == [3, 6]
+  assert {'train/learning_rate', 'train/examples_per_sec', 'eval/loss'} <= set(board)
+
+
+def test_resume_continues_the_history_without_duplicates(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained[0], workdir)
+  # As if killed after step 6 was logged and evaluated, before its checkpoint: the resumed
+  # run redoes steps 4 and 5 and the evaluation at 6.
+  shutil.rmtree(workdir / 'checkpoints' / '6')
+  before = history(workdir)[2]
+  train_run(workdir, 8)
+  train_steps, eval_steps, records = history(workdir)
+  assert train_steps == [0, 2, 4, 6] and eval_steps == [3, 6, 8]
+  assert records[:3] == before[:3]  # what the checkpoint covers is kept as it was
+  board = tensorboard(workdir)
+  assert [s for s, _ in board['train/loss']] == [0, 2, 4, 6]
+  assert [s for s, _ in board['eval/precision']] == [3, 6, 8]
+  # Running a finished run again evaluates again, and records nothing twice.
+  train_run(workdir, 8)
+  assert history(workdir)[:2] == ([0, 2, 4, 6], [3, 6, 8])
+  assert [s for s, _ in tensorboard(workdir)['eval/precision']] == [3, 6, 8]
+
+
+def test_plots_at_the_end_and_in_plot_mode(trained, tmp_path):
+  workdir, stdout = trained
+  assert f'wrote {workdir}/plots/loss.png' in stdout
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'plots')
+  result = run('--mode=plot', '--workdir', str(copy), config=None)
+  assert result.returncode == 0, result.stderr
+  for name in ('loss.png', 'accuracy.png'):
+    with Image.open(copy / 'plots' / name) as image:
+      assert image.format == 'PNG' and image.size[0] >= 400
+
+
+def restored_state(workdir):
+  trainer = loop.Trainer(loop.load_saved_config(str(workdir)), for_training=False)
+  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
+  try:
+    return trainer, ckpt.restore_latest(trainer.state, report=print)[1]
+  finally:
+    ckpt.close()
+
+
+def test_predict_gives_the_eval_steps_classes(trained, tmp_path):
+  workdir, _ = trained
+  builder = data.info('cifar10')
+  test = data.load(builder, 'test[:8]')
+  paths = []
+  for i, image in enumerate(test.images):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image).save(paths[-1])
+  tops = predict.predict(str(workdir), paths, k=3)
+  names = builder.info.features['label'].names
+  predicted = np.array([names.index(top[0][0]) for top in tops])
+
+  trainer, state = restored_state(workdir)
+  batch = {'image': test.images, 'label': predicted.astype(np.int32),
+           'mask': np.ones(len(paths), bool)}
+  sums = trainer.eval_step(state, batch)
+  assert int(sums['correct']) == len(paths)  # the eval step agrees with every prediction
+  logits = np.asarray(train.eval_logits(state, test.images, augment_cfg=trainer.config.augment))
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  for top, p in zip(tops, probs):
+    assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+    assert [prob for _, prob in top] == pytest.approx(sorted(p)[::-1][:3], abs=1e-5)
+
+  # The command line: one line per image, the same top class.
+  result = run('--mode=predict', '--workdir', str(workdir), '--images', *paths[:2], config=None)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()[-2:]
+  for path, line, top in zip(paths, lines, tops):
+    assert line.startswith(f'{path}: {top[0][0]} ')
+
+
+def test_predict_converts_grayscale_and_resizes(trained, tmp_path):
+  gray = tmp_path / 'big-gray.jpg'
+  Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(gray)
+  (top,) = predict.predict(str(trained[0]), [str(gray)], k=10)
+  assert len(top) == 10 and sum(p for _, p in top) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_progress_bar_on_a_terminal_lines_otherwise(tmp_path):
+  controller, terminal = pty.openpty()
+  # A terminal 100 columns wide (a new pty is 0 x 0, where the bar has no room).
+  fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))
+  command = [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir',
+             str(tmp_path), *as_flags(dict(SMALL, num_train_steps=4, eval_every=0))]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=terminal, stderr=terminal)
+  os.close(terminal)
+  output = b''
+  while True:
+    try:
+      chunk = os.read(controller, 65536)
+    except OSError:  # the terminal closed
+      break
+    if not chunk:
+      break
+    output += chunk
+  assert process.wait(timeout=600) == 0
+  text = output.decode(errors='replace')
+  assert re.search(r'100%\|.*\| 4/4 .*loss=', text)
+  assert not re.search(r'^step \d+, loss = ', text, re.M)  # the bar replaces the lines
+  assert 'step 4: precision @ 1' in text  # evaluations still get their line
+  # The pipe case (this test's other runs) prints the seed's lines: see test_cli.py.
+
+
+def test_bench_mode_prints_the_seeds_summary():
+  result = run('--mode=bench', '--config.bench.steps=20', '--config.bench.burn_in=2',
+               '--config.bench.batch_size=8')
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  for name in ('Forward', 'Forward-backward'):
+    match = re.search(rf': {name} across 20 steps, (\S+) \+/- (\S+) sec / batch '
+                      r'\(\S+ ms; (\S+) examples/sec\)', out)
+    assert match, out
+    mean, std, rate = map(float, match.groups())
+    assert mean > 0 and std >= 0 and rate == pytest.approx(8 / mean, rel=0.01)
+  assert len(re.findall(r': step (0|10), duration = \d+\.\d{3}$', out, re.M)) == 4
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--mode=fly'], "error: unknown mode 'fly' (modes: train, eval, predict, plot, bench)"),
+    (['--mode=plot'], 'error: no metrics in {w}/metrics.jsonl: train there first'),
+    (['--mode=predict', '--images', 'a.png'],
+     'error: no config.json in {w}: train there first, or pass --config'),
+    (['--mode=predict', '--images', 'a.png', '--config', 'configs/cifar_lrn.py'],
+     'error: no checkpoints in {w}: train first, or point --workdir at a run'),
+    (['--mode=predict'], 'error: --mode=predict needs image files: --images a.png b.jpg ...'),
+])
+def test_usage_errors_are_one_line(tmp_path, args, message):
+  result = run('--workdir', str(tmp_path), *args, config=None)
+  assert result.returncode == 2
+  assert result.stderr.strip() == message.format(w=tmp_path)
+
+
+def test_unreadable_images_are_one_line_and_lose_nothing(trained, tmp_path):
+  workdir, _ = trained
+  before = sorted(os.listdir(workdir)), open(workdir / 'metrics.jsonl').read()
+  text = tmp_path / 'notes.png'
+  text.write_text('not an image')
+  for path, message in ((text, f"error: cannot read image '{text}': UnidentifiedImageError"),
+                        (tmp_path / 'gone.jpg', f"error: image '{tmp_path}/gone.jpg' does not exist")):
+    result = run('--mode=predict', '--workdir', str(workdir), '--images', str(path), config=None)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(message)
+  assert (sorted(os.listdir(workdir)), open(workdir / 'metrics.jsonl').read()) == before
