@@ -58,6 +58,12 @@ def base_config():
   return c
 
 
+def no_augmentation(scale='unit'):
+  """The augment block of a recipe that feeds whole images: no crop, flip or colour jitter."""
+  return ml_collections.ConfigDict(dict(crop_size=0, train_crop='random', flip=False,
+                                        brightness=0.0, contrast=(), scale=scale))
+
+
 def validate(c):
   """Raises UserError naming the first field with a value cnnjax cannot use."""
   def need(ok, message):

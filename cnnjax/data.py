@@ -6,6 +6,8 @@ needs no iterator state. Augmentation runs on the accelerator (augment.py).
 """
 import dataclasses
 import functools
+import os
+import socket
 
 import numpy as np
 
@@ -39,10 +41,26 @@ def _prepare(builder, name, download):
     raise UserError(f'dataset {name} is not prepared in {builder.data_dir} and '
                     f'config.download is False. {where}.')
   try:
+    if _offline():
+      raise ConnectionError(f'cannot reach {PROBE_HOST}')
     builder.download_and_prepare()
   except Exception as e:  # network errors come in many types; all mean the same here
     raise UserError(f'dataset {name} is not prepared in {builder.data_dir} and downloading it '
                     f'failed ({type(e).__name__}); offline? {where}.') from None
+
+
+PROBE_HOST = 'storage.googleapis.com'  # TFDS's own bucket; reachable whenever downloads are
+
+
+def _offline():
+  """True when the network is plainly unreachable: offline, TFDS would retry for minutes."""
+  if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
+    return False  # only the proxy can tell
+  try:
+    socket.create_connection((PROBE_HOST, 443), timeout=10).close()
+    return False
+  except OSError:
+    return True
 
 
 def info(name, data_dir=None, download=True):

@@ -5,7 +5,7 @@ cost equal lr 0.1 and weight loss 0.0002 * l2_loss(kernel) on the mean cost; x0.
 every 100 epochs, batch 128, 200 epochs. Pixels scaled to [0, 1], no augmentation
 (Paddle's CIFAR reader). Batch-norm statistics live in the train state.
 """
-from cnnjax.config import base_config
+from cnnjax.config import base_config, no_augmentation
 
 
 def get_config():
@@ -24,9 +24,5 @@ def get_config():
   c.schedule = 'exponential_decay'
   c.decay_epochs = 100.0
   c.decay_rate = 0.1
-  c.augment.crop_size = 0
-  c.augment.flip = False
-  c.augment.brightness = 0.0
-  c.augment.contrast = ()
-  c.augment.scale = 'unit'
+  c.augment = no_augmentation(scale='unit')  # pixels / 255
   return c

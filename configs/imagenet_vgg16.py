@@ -3,7 +3,7 @@
 224x224x3 input, 1000 classes, ~138M parameters; batch 32 as the seed's
 time_tensorflow_run. Training it needs a prepared TFDS imagenet2012.
 """
-from cnnjax.config import base_config
+from cnnjax.config import base_config, no_augmentation
 
 
 def get_config():
@@ -15,9 +15,5 @@ def get_config():
   c.optimizer = 'momentum'
   c.learning_rate = 0.01
   c.weight_loss = {}
-  c.augment.crop_size = 0
-  c.augment.flip = False
-  c.augment.brightness = 0.0
-  c.augment.contrast = ()
-  c.augment.scale = 'unit'
+  c.augment = no_augmentation(scale='unit')  # pixels / 255
   return c

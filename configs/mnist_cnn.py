@@ -4,7 +4,7 @@ conv 5x5x32 - pool - conv 5x5x64 - pool - fc 1024 - dropout (keep 0.5, training
 only, its own PRNG stream) - fc 10; N(0.1) weights, 0.1 biases; Adam 1e-4,
 batch 50, 20,000 steps; pixels scaled to [0, 1], no augmentation.
 """
-from cnnjax.config import base_config
+from cnnjax.config import base_config, no_augmentation
 
 
 def get_config():
@@ -21,9 +21,5 @@ def get_config():
   c.weight_loss = {}
   c.optimizer = 'adam'
   c.learning_rate = 1e-4
-  c.augment.crop_size = 0
-  c.augment.flip = False
-  c.augment.brightness = 0.0
-  c.augment.contrast = ()
-  c.augment.scale = 'unit'
+  c.augment = no_augmentation(scale='unit')  # pixels / 255
   return c

@@ -71,8 +71,27 @@ def test_failed_download_names_tfds_data_dir(tmp_path, monkeypatch):
   def offline(self, *args, **kwargs):
     raise ConnectionError('Failed to resolve www.cs.toronto.edu')
 
+  monkeypatch.setattr(data, '_offline', lambda: False)  # the network looks reachable
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
   with pytest.raises(UserError, match='downloading it failed .*TFDS_DATA_DIR.*data_dir'):
+    data.info('cifar10', data_dir=str(tmp_path), download=True)
+
+
+def test_unreachable_network_fails_at_once_without_trying_to_download(tmp_path, monkeypatch):
+  import socket
+  import tensorflow_datasets as tfds
+
+  def no_network(*args, **kwargs):
+    raise socket.gaierror(-2, 'Name or service not known')
+
+  def download(self, *args, **kwargs):
+    raise AssertionError('tried to download although the network is unreachable')
+
+  monkeypatch.delenv('HTTPS_PROXY', raising=False)
+  monkeypatch.delenv('https_proxy', raising=False)
+  monkeypatch.setattr(socket, 'create_connection', no_network)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', download)
+  with pytest.raises(UserError, match='downloading it failed .ConnectionError.; offline'):
     data.info('cifar10', data_dir=str(tmp_path), download=True)
 
 

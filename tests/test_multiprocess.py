@@ -1,4 +1,5 @@
 """Two local processes joined by jax.distributed on 127.0.0.1, against one process."""
+import json
 import os
 import socket
 import subprocess
@@ -39,6 +40,11 @@ def test_two_processes_train_like_one(tmp_path):
   # Only process 0 writes the console log.
   assert 'devices: 2 x cpu (2 process(es))' in outputs[0][0]
   assert 'recipe:' not in outputs[1][0] and 'step ' not in outputs[1][0]  # (gloo prints)
+  # ... and the metrics: each logged step once, as on one process.
+  def logged(workdir):
+    lines = (tmp_path / workdir / 'metrics.jsonl').read_text().splitlines()
+    return [(r['kind'], r['step']) for r in map(json.loads, lines)]
+  assert logged('two') == logged('one') and len(logged('one')) >= 2
   leaves = [k for k in one.files if k.startswith('arr_')]
   assert len(leaves) == 10
   for k in leaves:

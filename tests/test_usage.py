@@ -191,10 +191,11 @@ def test_bench_mode_prints_the_seeds_summary():
   out = result.stdout
   for name in ('Forward', 'Forward-backward'):
     match = re.search(rf': {name} across 20 steps, (\S+) \+/- (\S+) sec / batch '
-                      r'\(\S+ ms; (\S+) examples/sec\)', out)
+                      r'\((\S+) ms; (\S+) examples/sec\)', out)
     assert match, out
-    mean, std, rate = map(float, match.groups())
-    assert mean > 0 and std >= 0 and rate == pytest.approx(8 / mean, rel=0.01)
+    mean, std, ms, rate = map(float, match.groups())
+    assert mean == pytest.approx(ms / 1000, abs=5e-4) and std >= 0
+    assert rate == pytest.approx(8 / (ms / 1000), rel=0.01)
   assert len(re.findall(r': step (0|10), duration = \d+\.\d{3}$', out, re.M)) == 4
 
 
