@@ -1,4 +1,5 @@
 """--mode=plot, and the end of training: workdir/plots/{loss,accuracy}.png from metrics.jsonl."""
+import json
 import os
 
 import numpy as np
@@ -26,6 +27,7 @@ def write(workdir):
   import matplotlib
   matplotlib.use('Agg')  # files only, no display
   import matplotlib.pyplot as plt
+  recipe = _recipe(workdir)
   out = os.path.join(workdir, 'plots')
   os.makedirs(out, exist_ok=True)
   written = []
@@ -35,7 +37,8 @@ def write(workdir):
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(steps, loss, color='tab:blue', alpha=0.3, linewidth=1, label='logged')
     ax.plot(steps, smooth(loss), color='tab:blue', linewidth=2, label='smoothed (EMA 0.9)')
-    ax.set(title='Training loss (cross-entropy + weight losses)', xlabel='step', ylabel='loss')
+    ax.set(title=f'Training loss (cross-entropy + weight losses){recipe}', xlabel='step',
+           ylabel='loss')
     ax.grid(alpha=0.3)
     ax.legend()
     written.append(_save(fig, os.path.join(out, 'loss.png')))
@@ -46,11 +49,22 @@ def write(workdir):
     ax.plot(steps, precision, marker='o', color='tab:green')
     for s, p in zip(steps[-1:], precision[-1:]):
       ax.annotate(f'{p:.2f}%', (s, p), textcoords='offset points', xytext=(-10, 8), ha='right')
-    ax.set(title=f'Test precision @ 1 ({evals[-1]["count"]:,} examples)', xlabel='step',
+    ax.set(title=f'Test precision @ 1 ({evals[-1]["count"]:,} examples){recipe}', xlabel='step',
            ylabel='precision @ 1 (%)')
     ax.grid(alpha=0.3)
     written.append(_save(fig, os.path.join(out, 'accuracy.png')))
   return written
+
+
+def _recipe(workdir):
+  """'\n' + the run's recipe line from config.json, for the titles ('' if none)."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      recipe = json.load(f).get('recipe', '')
+  except (OSError, ValueError):
+    return ''
+  return f'\n{recipe}' if recipe else ''
 
 
 def _save(fig, path):
