@@ -1,0 +1,51 @@
+"""Why an early Recipe F checkpoint evaluates at chance: a diagnosis, not a test.
+
+Usage: python benchmarks/batchnorm_check.py WORKDIR [SPLIT]   (default test[:500])
+
+For a run of a batch-norm model (configs/cifar_vgg16.py), on the same images: accuracy
+in eval mode (running statistics, no dropout) and in train mode (batch statistics,
+dropout), the histogram of eval-mode predictions, and per batch norm how far the running
+statistics are from the batch statistics of these images in train mode (median over
+channels of |running mean - batch mean| / batch std, and running var / batch var).
+Result and command: docs/RESULTS.md ("Every recipe in 15 minutes").
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cnnjax import augment, loop
+from cnnjax.predict import Predictor
+
+
+def main(workdir, split='test[:500]'):
+  config = loop.load_saved_config(workdir)
+  run = Predictor(workdir)
+  state = run.state
+  examples = tfds.as_numpy(tfds.load(config.dataset, split=split, batch_size=-1,
+                                     data_dir=config.data_dir))
+  x = augment.preprocess(None, jnp.asarray(examples['image']), config.augment, train=False)
+  labels = examples['label']
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  eval_logits = state.apply_fn(variables, x, train=False)
+  train_logits, updates = state.apply_fn(variables, x, train=True, mutable=['batch_stats'],
+                                         rngs={'dropout': jax.random.PRNGKey(0)})
+  accuracy = lambda logits: float(np.mean(np.argmax(logits, -1) == labels))
+  print(f'checkpoint step {run.step}, {len(labels)} images of {split}')
+  print(f'accuracy: eval mode {accuracy(eval_logits):.4f}, train mode {accuracy(train_logits):.4f}')
+  print('eval-mode predictions per class:', np.bincount(np.argmax(eval_logits, -1), minlength=10))
+  print('batch norm: median |running mean - batch mean| / batch std, median running var / batch var')
+  momentum = 0.9  # the models' batch-norm momentum: new = m * running + (1 - m) * batch
+  for name, stats in state.batch_stats.items():
+    new = updates['batch_stats'][name]
+    batch_mean = (new['mean'] - momentum * stats['mean']) / (1 - momentum)
+    batch_var = (new['var'] - momentum * stats['var']) / (1 - momentum)
+    mean_gap = jnp.median(jnp.abs(stats['mean'] - batch_mean) / jnp.sqrt(batch_var + 1e-5))
+    var_ratio = jnp.median(stats['var'] / (batch_var + 1e-5))
+    print(f'  {name:7s} {float(mean_gap):.3f} {float(var_ratio):.3f}')
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])
