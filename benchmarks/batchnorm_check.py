@@ -14,28 +14,28 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 
-from cnnjax import augment, loop
+from cnnjax import augment, data, loop
 from cnnjax.predict import Predictor
 
 
 def main(workdir, split='test[:500]'):
   config = loop.load_saved_config(workdir)
-  run = Predictor(workdir)
+  run = Predictor(workdir, config)
   state = run.state
-  examples = tfds.as_numpy(tfds.load(config.dataset, split=split, batch_size=-1,
-                                     data_dir=config.data_dir))
-  x = augment.preprocess(None, jnp.asarray(examples['image']), config.augment, train=False)
-  labels = examples['label']
+  examples = data.load(run.builder, split)
+  labels = examples.labels
+  eval_probs = run.probabilities(examples.images)  # exactly what the eval step computes
+  # Train mode on the same images, evaluation-preprocessed: batch statistics and dropout.
+  x = augment.preprocess(None, jnp.asarray(examples.images), config.augment, train=False)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  eval_logits = state.apply_fn(variables, x, train=False)
   train_logits, updates = state.apply_fn(variables, x, train=True, mutable=['batch_stats'],
                                          rngs={'dropout': jax.random.PRNGKey(0)})
-  accuracy = lambda logits: float(np.mean(np.argmax(logits, -1) == labels))
+  accuracy = lambda scores: float(np.mean(np.argmax(scores, -1) == labels))
   print(f'checkpoint step {run.step}, {len(labels)} images of {split}')
-  print(f'accuracy: eval mode {accuracy(eval_logits):.4f}, train mode {accuracy(train_logits):.4f}')
-  print('eval-mode predictions per class:', np.bincount(np.argmax(eval_logits, -1), minlength=10))
+  print(f'accuracy: eval mode {accuracy(eval_probs):.4f}, train mode {accuracy(train_logits):.4f}')
+  print('eval-mode predictions per class:',
+        np.bincount(np.argmax(eval_probs, -1), minlength=len(run.names)))
   print('batch norm: median |running mean - batch mean| / batch std, median running var / batch var')
   momentum = 0.9  # the models' batch-norm momentum: new = m * running + (1 - m) * batch
   for name, stats in state.batch_stats.items():
