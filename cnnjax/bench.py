@@ -53,46 +53,60 @@ def time_run(name, fn, burn_in, steps, batch_size):
   return {'mean': mean, 'std': std, 'examples_per_sec': batch_size / mean}
 
 
-def run(config):
-  config_lib.validate(config)
-  batch, size, channels, classes = input_spec(config)
-  mesh = parallel.make_mesh()
-  parallel.check_divisible('batch size', batch, mesh)
-  crop = config.augment.crop_size
-  if crop and crop > size:
-    raise UserError(f'augment.crop_size={crop} is larger than the {size}x{size} input')
-  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  # 50,000: a nominal train-set size, for schedules counted in epochs.
-  _, _, state = loop.initial_state(config, classes, 50000, (size, size, channels), replicated)
-  shape = loop.input_shape(config, (size, size, channels))
-  rng = np.random.default_rng(0)
-  batch_data = parallel.put_batch({
-      'image': rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8),
-      'label': rng.integers(0, classes, batch).astype(np.int32)}, sharded)
-  images = jax.device_put(jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32), sharded)
-  loop.log(f'bench: {config.model}, {models.param_count(state.params):,} parameters, '
-           f'batch {batch} of {size}x{size}x{channels}, {jax.device_count()} x '
-           f'{jax.devices()[0].device_kind}')
+class Synthetic:
+  """A recipe's real state and jitted steps on one synthetic batch (no dataset needed).
 
-  variables = {'params': state.params}
-  if state.batch_stats is not None:
-    variables['batch_stats'] = state.batch_stats
-  forward = jax.jit(lambda v, x: state.apply_fn(v, x, train=False), out_shardings=sharded)
-  terms = loop.weight_loss_terms(config, state.params)
-  step = jax.jit(functools.partial(train.train_step, augment_cfg=config.augment.lock(),
-                                   coefficients=terms, ema_decay=config.ema_decay),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
-  b = config.bench
-  results = {'forward': time_run('Forward', lambda: forward(variables, images), b.burn_in,
-                                 b.steps, batch)}
-  holder = [state]
+  `train_once()` runs the real train_step (augmentation, loss, weight losses,
+  optimizer update, EMA) on a uint8 batch; `forward()` the model alone.
+  """
 
-  def train_once():
-    holder[0], metrics = step(holder[0], batch_data)
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.batch, self.size, self.channels, self.classes = input_spec(config)
+    mesh = parallel.make_mesh()
+    parallel.check_divisible('batch size', self.batch, mesh)
+    crop = config.augment.crop_size
+    if crop and crop > self.size:
+      raise UserError(f'augment.crop_size={crop} is larger than the {self.size}x{self.size} input')
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    image_shape = (self.size, self.size, self.channels)
+    # 50,000: a nominal train-set size, for schedules counted in epochs.
+    _, _, self.state = loop.initial_state(config, self.classes, 50000, image_shape, replicated)
+    shape = loop.input_shape(config, image_shape)
+    rng = np.random.default_rng(0)
+    self.host_batch = {
+        'image': rng.integers(0, 256, (self.batch, *image_shape), dtype=np.uint8),
+        'label': rng.integers(0, self.classes, self.batch).astype(np.int32)}
+    self.batch_data = parallel.put_batch(self.host_batch, sharded)
+    self.images = jax.device_put(jnp.asarray(rng.normal(size=(self.batch, *shape)), jnp.float32),
+                                 sharded)
+    self.variables = {'params': self.state.params}
+    if self.state.batch_stats is not None:
+      self.variables['batch_stats'] = self.state.batch_stats
+    apply_fn = self.state.apply_fn
+    self._forward = jax.jit(lambda v, x: apply_fn(v, x, train=False), out_shardings=sharded)
+    terms = loop.weight_loss_terms(config, self.state.params)
+    self._step = jax.jit(functools.partial(train.train_step, augment_cfg=config.augment.lock(),
+                                           coefficients=terms, ema_decay=config.ema_decay),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def forward(self):
+    return self._forward(self.variables, self.images)
+
+  def train_once(self):
+    self.state, metrics = self._step(self.state, self.batch_data)
     return metrics['loss']
 
-  results['forward_backward'] = time_run('Forward-backward', train_once, b.burn_in, b.steps,
-                                         batch)
-  if not math.isfinite(float(train_once())):
+
+def run(config):
+  s = Synthetic(config)
+  loop.log(f'bench: {config.model}, {models.param_count(s.state.params):,} parameters, '
+           f'batch {s.batch} of {s.size}x{s.size}x{s.channels}, {jax.device_count()} x '
+           f'{jax.devices()[0].device_kind}')
+  b = config.bench
+  results = {'forward': time_run('Forward', s.forward, b.burn_in, b.steps, s.batch)}
+  results['forward_backward'] = time_run('Forward-backward', s.train_once, b.burn_in, b.steps,
+                                         s.batch)
+  if not math.isfinite(float(s.train_once())):
     raise UserError('bench: the loss became non-finite on synthetic data')
   return results

@@ -40,9 +40,13 @@ def truncated_normal(stddev):
   return nn.initializers.truncated_normal(stddev)
 
 
+# nn.Conv computing through ops.conv_general_dilated: oneDNN on the CPU, XLA elsewhere.
+Conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_general_dilated)
+
+
 def conv(features, stddev, bias, name, size=5):
-  return nn.Conv(features, (size, size), padding='SAME', name=name,
-                 kernel_init=truncated_normal(stddev), bias_init=nn.initializers.constant(bias))
+  return Conv(features, (size, size), padding='SAME', name=name,
+              kernel_init=truncated_normal(stddev), bias_init=nn.initializers.constant(bias))
 
 
 def dense(features, stddev, bias, name):
@@ -127,7 +131,7 @@ class DeepCnn(nn.Module):
     he = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
     for block, width in enumerate(self.widths, start=1):
       for i in (1, 2):
-        x = nn.relu(nn.Conv(width, (3, 3), padding='SAME', kernel_init=he,
+        x = nn.relu(Conv(width, (3, 3), padding='SAME', kernel_init=he,
                             name=f'conv{block}_{i}')(x))
       x = ops.max_pool(x, 2, 2, 'SAME')
     x = x.reshape(x.shape[0], -1)
@@ -164,7 +168,7 @@ class Vgg16Cifar(nn.Module):
                              epsilon=1e-5, use_fast_variance=False)
     for g, (width, drops) in enumerate(VGG16_CIFAR_GROUPS, start=1):
       for i, rate in enumerate(drops, start=1):
-        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=False, name=f'conv{g}_{i}')(x)
+        x = Conv(width, (3, 3), padding='SAME', use_bias=False, name=f'conv{g}_{i}')(x)
         x = nn.relu(norm(name=f'bn{g}_{i}')(x))
         if rate:
           x = nn.Dropout(rate, deterministic=not train)(x)
@@ -197,7 +201,7 @@ class Vgg16ImageNet(nn.Module):
     xavier = nn.initializers.glorot_uniform()
     for g, (width, repeats) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)), 1):
       for i in range(1, repeats + 1):
-        x = nn.relu(nn.Conv(width, (3, 3), padding='SAME', kernel_init=xavier,
+        x = nn.relu(Conv(width, (3, 3), padding='SAME', kernel_init=xavier,
                             name=f'conv{g}_{i}')(x))
       x = ops.max_pool(x, 2, 2, 'SAME')
     x = x.reshape(x.shape[0], -1)

@@ -1,13 +1,17 @@
 """TensorFlow-1.x numerics as pure JAX functions: LRN, SAME max-pooling, l2_loss.
 
 Each function here claims equality with a named TensorFlow op, and
-tests/test_ops.py checks the claim against TensorFlow itself.
+tests/test_ops.py checks the claim against TensorFlow itself, on both paths:
+oneDNN's kernels on the CPU backend (cnnjax/kernels.py) and the pure-JAX
+formulations below, which every other backend (and CNNJAX_CPU_KERNELS=xla) runs.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from cnnjax import kernels
 
 
 def l2_loss(w):
@@ -21,6 +25,10 @@ def lrn(x, depth_radius=5, bias=1.0, alpha=1.0, beta=0.5):
   out[..., c] = x[..., c] / (bias + alpha * sum_{|c'-c| <= r} x[..., c']**2) ** beta.
   Unlike torch.nn.LocalResponseNorm, alpha is not divided by the window size.
   """
+  if kernels.enabled() and x.dtype == jnp.float32 and x.ndim == 4:
+    out = kernels.lrn(x, depth_radius, bias, alpha, beta)
+    if out is not None:
+      return out
   return _lrn(x, depth_radius, bias, alpha, beta)
 
 
@@ -54,6 +62,29 @@ def _lrn_bwd(radius, bias, alpha, beta, residuals, g):
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """lax.conv_general_dilated, through oneDNN on the CPU for plain NHWC/HWIO float32 convs.
+
+  The models' nn.Conv layers call this (their `conv_general_dilated` field), so
+  tf.nn.conv2d's arithmetic runs on oneDNN, as in TensorFlow, where it can.
+  """
+  plain = (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
+           and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+           and feature_group_count == 1 and batch_group_count == 1
+           and preferred_element_type in (None, jnp.float32)
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC')))
+  if plain and kernels.enabled():
+    out = kernels.conv2d(lhs, rhs, tuple(window_strides), padding)
+    if out is not None:
+      return out
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                  dimension_numbers, feature_group_count, batch_group_count,
+                                  precision, preferred_element_type)
+
+
 def _pool_padding(size, window, stride, padding):
   """TF's (before, after) padding for one spatial axis, and the output size."""
   if padding == 'VALID':
@@ -75,6 +106,10 @@ def max_pool(x, window, stride, padding='SAME'):
   maximum of its window in row-major order, exactly as TensorFlow does on ties.
   """
   (ph, oh), (pw, ow) = (_pool_padding(n, window, stride, padding) for n in x.shape[1:3])
+  if kernels.enabled() and x.dtype == jnp.float32:
+    out = kernels.max_pool(x, window, stride, ph, pw, oh, ow)
+    if out is not None:
+      return out
   return _max_pool(x, window, stride, ph, pw, oh, ow)
 
 

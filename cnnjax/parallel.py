@@ -13,8 +13,14 @@ from cnnjax.errors import UserError
 
 
 def make_mesh():
-  """A 1-D mesh over every device of every process, axis 'batch'."""
-  return jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(AxisType.Auto,))
+  """A 1-D mesh over every device of every process, axis 'batch', set as the current mesh.
+
+  Setting it (jax.set_mesh) lets the oneDNN custom calls (cnnjax/kernels.py)
+  find the mesh when traced and run per device under shard_map.
+  """
+  mesh = jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(AxisType.Auto,))
+  jax.set_mesh(mesh)
+  return mesh
 
 
 def replicated(mesh):

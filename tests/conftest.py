@@ -19,6 +19,14 @@ def tf():
   return tensorflow
 
 
+@pytest.fixture(params=['onednn', 'xla'])
+def cpu_kernels(request):
+  """Runs a test on both CPU paths: oneDNN's kernels and XLA's own (cnnjax/kernels.py)."""
+  from cnnjax import kernels
+  with kernels.using(request.param):
+    yield request.param
+
+
 def recipe_config(name, **overrides):
   """configs/<name>.py's config with `overrides` applied, as --config.FIELD=VALUE would."""
   import importlib

@@ -68,8 +68,8 @@ def tf_lrn_net(tf, p, x, lrn, norm2_before_pool2):
      dict(local3=0.004, local4=0.004, logits=0.004)),
     ('cifar_cookbook', dict(depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75), False, {}),
 ])
-def test_network_logits_and_gradients_match_tf(tf, model_name, lrn, norm2_before_pool2,
-                                               weight_loss):
+def test_network_logits_and_gradients_match_tf(tf, cpu_kernels, model_name, lrn,
+                                               norm2_before_pool2, weight_loss):
   model = models.create(model_name, 10)
   import optax
   state = train.create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (24, 24, 3))

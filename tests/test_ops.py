@@ -14,7 +14,7 @@ LRN_RECIPES = {
 
 
 @pytest.mark.parametrize('name', sorted(LRN_RECIPES))
-def test_lrn_matches_tf(tf, name):
+def test_lrn_matches_tf(tf, cpu_kernels, name):
   params = LRN_RECIPES[name]
   x = np.random.default_rng(0).normal(0, 3, (4, 6, 6, 64)).astype(np.float32)
   g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
@@ -35,12 +35,12 @@ def test_lrn_matches_tf(tf, name):
     (2, 2, (2, 28, 28, 4)),  # Recipe D pools
     (2, 2, (2, 7, 7, 4)),  # 7 -> 4 with SAME padding
 ])
-def test_max_pool_matches_tf_forward_and_gradient(tf, window, stride, shape):
+def test_max_pool_matches_tf_forward_and_gradient(tf, cpu_kernels, window, stride, shape):
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   _check_pool_against_tf(tf, x, window, stride)
 
 
-def test_max_pool_ties_route_gradient_like_tf(tf):
+def test_max_pool_ties_route_gradient_like_tf(tf, cpu_kernels):
   # Small integers give many equal maxima; TF sends the gradient to the first.
   x = np.random.default_rng(0).integers(0, 3, (2, 12, 12, 4)).astype(np.float32)
   _check_pool_against_tf(tf, x, 3, 2)
@@ -58,6 +58,45 @@ def _check_pool_against_tf(tf, x, window, stride):
   out, vjp = jax.vjp(lambda v: ops.max_pool(v, window, stride, 'SAME'), jnp.asarray(x))
   np.testing.assert_array_equal(out, expected.numpy())
   np.testing.assert_allclose(vjp(jnp.asarray(g))[0], expected_grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape,kernel,stride,padding', [
+    ((4, 24, 24, 3), (5, 5, 3, 64), 1, 'SAME'),  # Recipe A conv1
+    ((4, 12, 12, 64), (5, 5, 64, 64), 1, 'SAME'),  # Recipe A conv2
+    ((3, 9, 7, 5), (3, 3, 5, 6), 2, 'SAME'),  # odd sizes, stride 2: TF pads after
+    ((2, 8, 8, 4), (3, 3, 4, 8), 1, 'VALID'),
+])
+def test_conv_matches_tf_forward_and_gradients(tf, cpu_kernels, shape, kernel, stride, padding):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape).astype(np.float32)
+  w = rng.normal(0, 0.1, kernel).astype(np.float32)
+  xt, wt = tf.constant(x), tf.constant(w)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([xt, wt])
+    expected = tf.nn.conv2d(xt, wt, stride, padding)
+  g = rng.normal(size=expected.shape).astype(np.float32)
+  expected_dx, expected_dw = tape.gradient(expected, [xt, wt], output_gradients=tf.constant(g))
+  conv = lambda a, b: ops.conv_general_dilated(a, b, (stride, stride), padding,
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  out, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
+  dx, dw = vjp(jnp.asarray(g))
+  for ours, theirs in ((out, expected), (dx, expected_dx), (dw, expected_dw)):
+    scale = np.abs(theirs.numpy()).max()
+    np.testing.assert_allclose(ours / scale, theirs.numpy() / scale, atol=2e-6)
+
+
+def test_cpu_kernels_are_onednn_where_built():
+  # The install builds the extension on Linux x86_64 (setup.py); a broken build must not
+  # pass CI unnoticed by silently falling back to XLA's path.
+  import platform
+  from cnnjax import kernels
+  if platform.system() != 'Linux' or platform.machine() != 'x86_64':
+    pytest.skip('the oneDNN extension is built on Linux x86_64 only')
+  assert kernels.available(), kernels.describe()
+  with kernels.using('auto'):
+    assert kernels.enabled() and kernels.describe().startswith('oneDNN')
+  with kernels.using('xla'):
+    assert not kernels.enabled() and 'CNNJAX_CPU_KERNELS=xla' in kernels.describe()
 
 
 def test_l2_loss_matches_tf(tf):

@@ -1,0 +1,264 @@
+"""TensorFlow ports of the recipes' train steps: the peer in benchmarks/cpu_vs_tf.py.
+
+Each recipe's step is written the way the seeds' TF 1.x code computes it (tf.nn
+convolutions, max pools and LRN, the tf.image augmentations on 0-255 float
+pixels, TF's fused optimizer kernels ResourceApplyAdam / ApplyGradientDescent /
+ApplyMomentum, tf.nn.l2_loss weight losses, fused batch norm), as one
+`tf.function` in graph mode, so TensorFlow's default oneDNN kernels run it.
+
+Hyperparameters are read from the cnnjax config and the Flax module of the
+same recipe (LRN constants, initialisers, widths), so the two sides cannot
+drift apart: only the framework differs.
+"""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import tensorflow as tf  # noqa: E402  (after the log level)
+
+from cnnjax import models, optim  # noqa: E402
+
+
+class Params:
+  """Named tf.Variables, created in the seeds' order, and their weight losses."""
+
+  def __init__(self, seed):
+    self.variables = {}
+    self.seed = seed
+
+  def get(self, name, shape, init):
+    if name not in self.variables:
+      self.seed += 1
+      self.variables[name] = tf.Variable(init(shape, self.seed), name=name)
+    return self.variables[name]
+
+
+def truncated(stddev):
+  return lambda shape, seed: tf.random.stateless_truncated_normal(shape, (seed, 0), stddev=stddev)
+
+
+def constant(value):
+  return lambda shape, seed: tf.fill(shape, tf.constant(value, tf.float32))
+
+
+def he_normal(shape, seed):
+  fan_in = 1
+  for d in shape[:-1]:
+    fan_in *= d
+  return tf.random.stateless_truncated_normal(shape, (seed, 0), stddev=(2.0 / fan_in) ** 0.5 / .87962566)
+
+
+def glorot(shape, seed):
+  fan_in, fan_out = 1, shape[-1]
+  for d in shape[:-1]:
+    fan_in *= d
+  if len(shape) == 4:
+    fan_out *= shape[0] * shape[1]
+  limit = (6.0 / (fan_in + fan_out)) ** 0.5
+  return tf.random.stateless_uniform(shape, (seed, 0), -limit, limit)
+
+
+def conv(p, name, x, size, features, w_init, b_init=None, stride=1):
+  w = p.get(f'{name}/kernel', [size, size, x.shape[-1], features], w_init)
+  y = tf.nn.conv2d(x, w, stride, 'SAME')
+  if b_init is not None:
+    y = tf.nn.bias_add(y, p.get(f'{name}/bias', [features], b_init))
+  return y
+
+
+def dense(p, name, x, features, w_init, b_init=constant(0.0)):
+  w = p.get(f'{name}/kernel', [x.shape[-1], features], w_init)
+  return tf.matmul(x, w) + p.get(f'{name}/bias', [features], b_init)
+
+
+def max_pool(x, window, stride):
+  return tf.nn.max_pool2d(x, window, stride, 'SAME')
+
+
+def lrn_net(module):
+  """Recipes A/B/C: the TF tutorial network and the cookbook's variant."""
+  lrn = lambda x: tf.nn.lrn(x, **module.lrn)
+  init = {k: (truncated(s), constant(b)) for k, (s, b) in module.inits.items()}
+
+  def apply(p, x, train, state):
+    del train, state
+    x = max_pool(tf.nn.relu(conv(p, 'conv1', x, 5, 64, *init['conv1'])), 3, 2)
+    x = lrn(x)
+    x = tf.nn.relu(conv(p, 'conv2', x, 5, 64, *init['conv2']))
+    x = max_pool(lrn(x), 3, 2) if module.norm2_before_pool2 else lrn(max_pool(x, 3, 2))
+    x = tf.reshape(x, [x.shape[0], -1])
+    x = tf.nn.relu(dense(p, 'local3', x, 384, *init['local3']))
+    x = tf.nn.relu(dense(p, 'local4', x, 192, *init['local4']))
+    return dense(p, 'logits', x, module.num_classes, *init['logits'])
+  return apply
+
+
+def mnist_cnn(module):
+  """Recipe D: conv 32 - pool - conv 64 - pool - fc 1024 - dropout 0.5 - fc."""
+  w, b = truncated(0.1), constant(0.1)
+
+  def apply(p, x, train, state):
+    x = max_pool(tf.nn.relu(conv(p, 'conv1', x, 5, 32, w, b)), 2, 2)
+    x = max_pool(tf.nn.relu(conv(p, 'conv2', x, 5, 64, w, b)), 2, 2)
+    x = tf.nn.relu(dense(p, 'fc1', tf.reshape(x, [x.shape[0], -1]), 1024, w, b))
+    if train:
+      x = tf.nn.dropout(x, 0.5, seed=state['dropout_seed'])
+    return dense(p, 'fc2', x, module.num_classes, w, b)
+  return apply
+
+
+def deep_cnn(module):
+  """Recipe E: [conv3x3-ReLU x2, max pool 2x2] per width, then one fc layer."""
+  def apply(p, x, train, state):
+    del train, state
+    for block, width in enumerate(module.widths, start=1):
+      for i in (1, 2):
+        x = tf.nn.relu(conv(p, f'conv{block}_{i}', x, 3, width, he_normal, constant(0.0)))
+      x = max_pool(x, 2, 2)
+    return dense(p, 'fc', tf.reshape(x, [x.shape[0], -1]), module.num_classes, he_normal)
+  return apply
+
+
+def vgg16_cifar(module):
+  """Recipe F: VGG-16 with fused batch norm (momentum 0.9, epsilon 1e-5) and dropout."""
+  def batch_norm(p, name, x, train, state):
+    c = x.shape[-1]
+    scale = p.get(f'{name}/scale', [c], constant(1.0))
+    offset = p.get(f'{name}/bias', [c], constant(0.0))
+    mean = p.get(f'{name}/mean', [c], constant(0.0))
+    var = p.get(f'{name}/var', [c], constant(1.0))
+    shape = x.shape
+    x4 = x if len(shape) == 4 else tf.reshape(x, [shape[0], 1, 1, c])
+    y, m, v = tf.compat.v1.nn.fused_batch_norm(x4, scale, offset, epsilon=1e-5,
+                                                is_training=True)
+    state['updates'] += [mean.assign(0.9 * mean + 0.1 * m), var.assign(0.9 * var + 0.1 * v)]
+    return tf.reshape(y, shape)
+
+  def dropout(x, rate, train, state):
+    if train and rate:
+      state['dropout_seed'] += 1
+      x = tf.nn.dropout(x, rate, seed=state['dropout_seed'])
+    return x
+
+  def apply(p, x, train, state):
+    for g, (width, drops) in enumerate(models.VGG16_CIFAR_GROUPS, start=1):
+      for i, rate in enumerate(drops, start=1):
+        x = conv(p, f'conv{g}_{i}', x, 3, width, he_normal)
+        x = tf.nn.relu(batch_norm(p, f'bn{g}_{i}', x, train, state))
+        x = dropout(x, rate, train, state)
+      x = max_pool(x, 2, 2)
+    x = dropout(tf.reshape(x, [x.shape[0], -1]), 0.5, train, state)
+    x = tf.nn.relu(batch_norm(p, 'bn_fc1', dense(p, 'fc1', x, 512, glorot), train, state))
+    x = dropout(x, 0.5, train, state)
+    x = dense(p, 'fc2', x, 512, glorot)
+    return dense(p, 'logits', x, module.num_classes, glorot)
+  return apply
+
+
+NETWORKS = {'cifar_lrn': lrn_net, 'cifar_cookbook': lrn_net, 'mnist_cnn': mnist_cnn,
+            'cifar_deep': deep_cnn, 'cifar_vgg16': vgg16_cifar}
+
+
+def augment(x, cfg, train):
+  """The tf.image ops of cnnjax.augment, batched, on 0-255 float pixels."""
+  x = tf.cast(x, tf.float32)
+  n, h, w, _ = x.shape
+  size = cfg.crop_size
+  if size and train and cfg.train_crop == 'random':
+    offsets = tf.random.uniform([n, 2], 0, h - size + 1, tf.int32)
+    rows = offsets[:, :1] + tf.range(size)
+    cols = offsets[:, 1:] + tf.range(size)
+    x = tf.gather(tf.gather(x, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+  elif size:
+    x = tf.image.resize_with_crop_or_pad(x, size, size)
+  if train and cfg.flip:
+    flip = tf.random.uniform([n, 1, 1, 1]) < 0.5
+    x = tf.where(flip, tf.reverse(x, [2]), x)
+  if train and cfg.brightness:
+    x = x + tf.random.uniform([n, 1, 1, 1], -cfg.brightness, cfg.brightness)
+  if train and cfg.contrast:
+    factor = tf.random.uniform([n, 1, 1, 1], *cfg.contrast)
+    mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+    x = (x - mean) * factor + mean
+  if cfg.scale == 'standardize':
+    return tf.image.per_image_standardization(x)
+  return x / 255.0
+
+
+def learning_rate_fn(config, num_train_examples):
+  """tf.compat.v1.train.exponential_decay (or a constant), as the recipe's schedule."""
+  if config.schedule == 'constant':
+    return lambda step: tf.constant(config.learning_rate)
+  return lambda step: tf.compat.v1.train.exponential_decay(
+      config.learning_rate, step, optim.decay_steps(config, num_train_examples),
+      config.decay_rate, staircase=config.staircase)
+
+
+def l2_losses(p, coefficients):
+  """sum of wl * tf.nn.l2_loss(kernel) over the config's layers ('*': the others)."""
+  wl_of = dict(coefficients)
+  default = wl_of.pop('*', 0.0)
+  terms = []
+  for name, var in p.variables.items():
+    layer, kind = name.split('/')
+    wl = wl_of.get(layer, default)
+    if kind == 'kernel' and wl:
+      terms.append(wl * tf.nn.l2_loss(var))
+  return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+class TrainStep:
+  """A recipe's whole TF train step on a uint8 batch: augmentation, forward, loss,
+  gradients and the optimizer update (plus EMA where the recipe keeps one)."""
+
+  def __init__(self, config, image_shape, num_classes, num_train_examples=50000, seed=0):
+    tf.random.set_seed(seed)
+    module = models.create(config.model, num_classes)
+    self.config = config
+    self.apply = NETWORKS[config.model](module)
+    self.lr = learning_rate_fn(config, num_train_examples)
+    self.params = Params(seed)
+    self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    # Build the variables with one (eager) forward pass on the model's input shape.
+    size = config.augment.crop_size or image_shape[0]
+    self.apply(self.params, tf.zeros([2, size, size, image_shape[2]]), False,
+               {'updates': [], 'dropout_seed': seed})
+    self.trainable = [v for k, v in self.params.variables.items()
+                      if not k.endswith(('/mean', '/var'))]
+    self.slots = [[tf.Variable(tf.zeros_like(v)) for v in self.trainable] for _ in range(2)]
+    self.ema = ([tf.Variable(v) for v in self.trainable] if config.ema_decay else None)
+    self.coefficients = tuple(sorted(config.weight_loss.items()))
+    self._fn = tf.function(self._step)
+
+  def _step(self, images, labels):
+    c = self.config
+    x = augment(images, c.augment, train=True)
+    state = {'updates': [], 'dropout_seed': 1}
+    with tf.GradientTape() as tape:
+      logits = self.apply(self.params, x, True, state)
+      ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=labels, logits=logits))
+      loss = ce + l2_losses(self.params, self.coefficients)
+    grads = tape.gradient(loss, self.trainable)
+    lr = tf.cast(self.lr(self.step), tf.float32)
+    for i, (v, g) in enumerate(zip(self.trainable, grads)):
+      if c.optimizer == 'adam':
+        t = tf.cast(self.step + 1, tf.float32)
+        tf.raw_ops.ResourceApplyAdam(
+            var=v.handle, m=self.slots[0][i].handle, v=self.slots[1][i].handle,
+            beta1_power=0.9 ** t, beta2_power=0.999 ** t, lr=lr, beta1=0.9, beta2=0.999,
+            epsilon=1e-8, grad=g)
+      elif c.optimizer == 'momentum':
+        tf.raw_ops.ResourceApplyMomentum(var=v.handle, accum=self.slots[0][i].handle, lr=lr,
+                                         grad=g, momentum=c.momentum)
+      else:
+        tf.raw_ops.ResourceApplyGradientDescent(var=v.handle, alpha=lr, delta=g)
+    self.step.assign_add(1)
+    if self.ema is not None:
+      step = tf.cast(self.step, tf.float32)
+      d = tf.minimum(c.ema_decay, (1.0 + step) / (10.0 + step))
+      for e, v in zip(self.ema, self.trainable):
+        e.assign(d * e + (1 - d) * v)
+    return loss
+
+  def __call__(self, images, labels):
+    return self._fn(images, labels)
