@@ -36,7 +36,7 @@ def load_config(path):
   return module.get_config()
 
 
-INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$')
+INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*)$')
 
 
 def describe_instructions(hlo_text):

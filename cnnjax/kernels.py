@@ -139,46 +139,52 @@ def _attrs(**values):
 
 # --- convolution ---------------------------------------------------------------------------
 
-def conv2d(x, w, strides, padding):
-  """NHWC x HWIO float32 convolution through oneDNN; None where it cannot run here.
+def conv2d(x, w, b, strides, padding, relu=False):
+  """relu?(conv(x, w) + b) of NHWC x HWIO float32 through oneDNN; None where it cannot run here.
 
   padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), as lax.conv_general_dilated.
+  The bias add and the ReLU run inside oneDNN's convolution (a post-op).
   """
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
-  geometry = (tuple(strides), tuple(tuple(p) for p in padding))
-  run = _per_device(lambda a, b: _conv(a, b, geometry), (P('batch'), P()), P('batch'),
+  geometry = (tuple(strides), tuple(tuple(p) for p in padding), bool(relu))
+  run = _per_device(lambda *a: _conv(*a, geometry), (P('batch'), P(), P()), P('batch'),
                     x.shape[0])
-  return None if run is None else run(x, w)
+  return None if run is None else run(x, w, b)
 
 
 def _conv_attrs(geometry):
-  (sh, sw), ((pt, pb), (pl, pr)) = geometry
+  (sh, sw), ((pt, pb), (pl, pr)), _ = geometry
   return _attrs(sh=sh, sw=sw, pt=pt, pl=pl, pb=pb, pr=pr)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x, w, geometry):
-  (sh, sw), ((pt, pb), (pl, pr)) = geometry
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv(x, w, b, geometry):
+  (sh, sw), ((pt, pb), (pl, pr)), relu = geometry
   (n, h, wd, _), (kh, kw, _, o) = x.shape, w.shape
   out = jax.ShapeDtypeStruct((n, (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, o),
                              jnp.float32)
-  return jax.ffi.ffi_call('cnnjax_conv_fwd', out)(x, w, **_conv_attrs(geometry))
+  return jax.ffi.ffi_call('cnnjax_conv_fwd', out)(x, w, b, relu=np.int64(relu),
+                                                  **_conv_attrs(geometry))
 
 
-def _conv_fwd(x, w, geometry):
-  return _conv(x, w, geometry), (x, w)
+def _conv_fwd(x, w, b, geometry):
+  y = _conv(x, w, b, geometry)
+  return y, (x, w, y if geometry[2] else None)
 
 
 def _conv_bwd(geometry, residuals, dy):
-  # Two calls, so XLA drops the input gradient where nothing uses it (the first layer).
-  x, w = residuals
+  x, w, y = residuals
+  if y is not None:  # the fused ReLU's gradient
+    dy = jnp.where(y > 0, dy, 0.0)
   attrs = _conv_attrs(geometry)
+  # Two calls, so XLA drops the input gradient where nothing uses it (the first layer).
   dx = jax.ffi.ffi_call('cnnjax_conv_bwd_data', jax.ShapeDtypeStruct(x.shape, jnp.float32))(
       dy, w, **attrs)
-  dw = jax.ffi.ffi_call('cnnjax_conv_bwd_weights', jax.ShapeDtypeStruct(w.shape, jnp.float32))(
-      x, dy, **attrs)
-  return dx, dw
+  dw, db = jax.ffi.ffi_call('cnnjax_conv_bwd_weights',
+                            (jax.ShapeDtypeStruct(w.shape, jnp.float32),
+                             jax.ShapeDtypeStruct(w.shape[3:], jnp.float32)))(x, dy, **attrs)
+  return dx, dw, db
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

@@ -40,12 +40,27 @@ def truncated_normal(stddev):
   return nn.initializers.truncated_normal(stddev)
 
 
-# nn.Conv computing through ops.conv_general_dilated: oneDNN on the CPU, XLA elsewhere.
-Conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_general_dilated)
+class Conv(nn.Module):
+  """A 2-D convolution with nn.Conv's parameters (HWIO `kernel`, `bias`) and an optional
+  fused ReLU, computed by ops.conv2d: one oneDNN call on the CPU, XLA elsewhere."""
+  features: int
+  kernel_size: tuple
+  padding: str = 'SAME'
+  use_bias: bool = True
+  relu: bool = False
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
+    return ops.conv2d(x, kernel, bias, padding=self.padding, relu=self.relu)
 
 
-def conv(features, stddev, bias, name, size=5):
-  return Conv(features, (size, size), padding='SAME', name=name,
+def conv(features, stddev, bias, name, size=5, relu=True):
+  return Conv(features, (size, size), padding='SAME', name=name, relu=relu,
               kernel_init=truncated_normal(stddev), bias_init=nn.initializers.constant(bias))
 
 
@@ -70,9 +85,9 @@ class LrnNet(nn.Module):
     del train  # no dropout or batch norm here
     norm = functools.partial(ops.lrn, **self.lrn)
     pool = functools.partial(ops.max_pool, window=3, stride=2, padding='SAME')
-    x = pool(nn.relu(conv(64, *self.inits['conv1'], name='conv1')(x)))
+    x = pool(conv(64, *self.inits['conv1'], name='conv1')(x))
     x = norm(x)
-    x = nn.relu(conv(64, *self.inits['conv2'], name='conv2')(x))
+    x = conv(64, *self.inits['conv2'], name='conv2')(x)
     x = pool(norm(x)) if self.norm2_before_pool2 else norm(pool(x))
     x = x.reshape(x.shape[0], -1)  # NHWC flatten, as TF's reshape
     x = nn.relu(dense(384, *self.inits['local3'], name='local3')(x))
@@ -104,8 +119,8 @@ class MnistCnn(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     pool = functools.partial(ops.max_pool, window=2, stride=2, padding='SAME')
-    x = pool(nn.relu(conv(32, 0.1, 0.1, 'conv1')(x)))
-    x = pool(nn.relu(conv(64, 0.1, 0.1, 'conv2')(x)))
+    x = pool(conv(32, 0.1, 0.1, 'conv1')(x))
+    x = pool(conv(64, 0.1, 0.1, 'conv2')(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(dense(1024, 0.1, 0.1, 'fc1')(x))
     x = nn.Dropout(0.5, deterministic=not train)(x)  # keep_prob 0.5 in training only
@@ -131,8 +146,7 @@ class DeepCnn(nn.Module):
     he = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
     for block, width in enumerate(self.widths, start=1):
       for i in (1, 2):
-        x = nn.relu(Conv(width, (3, 3), padding='SAME', kernel_init=he,
-                            name=f'conv{block}_{i}')(x))
+        x = Conv(width, (3, 3), relu=True, kernel_init=he, name=f'conv{block}_{i}')(x)
       x = ops.max_pool(x, 2, 2, 'SAME')
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes, kernel_init=he, name='fc')(x)
@@ -168,7 +182,7 @@ class Vgg16Cifar(nn.Module):
                              epsilon=1e-5, use_fast_variance=False)
     for g, (width, drops) in enumerate(VGG16_CIFAR_GROUPS, start=1):
       for i, rate in enumerate(drops, start=1):
-        x = Conv(width, (3, 3), padding='SAME', use_bias=False, name=f'conv{g}_{i}')(x)
+        x = Conv(width, (3, 3), use_bias=False, name=f'conv{g}_{i}')(x)
         x = nn.relu(norm(name=f'bn{g}_{i}')(x))
         if rate:
           x = nn.Dropout(rate, deterministic=not train)(x)
@@ -201,8 +215,7 @@ class Vgg16ImageNet(nn.Module):
     xavier = nn.initializers.glorot_uniform()
     for g, (width, repeats) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)), 1):
       for i in range(1, repeats + 1):
-        x = nn.relu(Conv(width, (3, 3), padding='SAME', kernel_init=xavier,
-                            name=f'conv{g}_{i}')(x))
+        x = Conv(width, (3, 3), relu=True, kernel_init=xavier, name=f'conv{g}_{i}')(x)
       x = ops.max_pool(x, 2, 2, 'SAME')
     x = x.reshape(x.shape[0], -1)
     for i in (1, 2):

@@ -62,27 +62,24 @@ def _lrn_bwd(radius, bias, alpha, beta, residuals, g):
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
-  """lax.conv_general_dilated, through oneDNN on the CPU for plain NHWC/HWIO float32 convs.
+def conv2d(x, kernel, bias=None, stride=1, padding='SAME', relu=False):
+  """relu?(tf.nn.conv2d(x, kernel, stride, padding) + bias): NHWC input, HWIO kernel.
 
-  The models' nn.Conv layers call this (their `conv_general_dilated` field), so
-  tf.nn.conv2d's arithmetic runs on oneDNN, as in TensorFlow, where it can.
+  On the CPU backend this is one oneDNN convolution with the bias and ReLU fused
+  (as TensorFlow's oneDNN graph rewrite fuses Conv2D + BiasAdd + Relu); elsewhere
+  XLA's convolution, then the bias and ReLU.
   """
-  plain = (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
-           and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-           and feature_group_count == 1 and batch_group_count == 1
-           and preferred_element_type in (None, jnp.float32)
-           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC')))
-  if plain and kernels.enabled():
-    out = kernels.conv2d(lhs, rhs, tuple(window_strides), padding)
+  strides = (stride, stride)
+  if kernels.enabled() and x.dtype == kernel.dtype == jnp.float32 and x.ndim == 4:
+    b = jnp.zeros(kernel.shape[-1], x.dtype) if bias is None else bias
+    out = kernels.conv2d(x, kernel, b, strides, padding, relu)
     if out is not None:
       return out
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                  dimension_numbers, feature_group_count, batch_group_count,
-                                  precision, preferred_element_type)
+  y = lax.conv_general_dilated(x, kernel, strides, padding,
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if bias is not None:
+    y = y + bias
+  return jnp.maximum(y, 0) if relu else y
 
 
 def _pool_padding(size, window, stride, padding):

@@ -60,27 +60,28 @@ def _check_pool_against_tf(tf, x, window, stride):
   np.testing.assert_allclose(vjp(jnp.asarray(g))[0], expected_grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('shape,kernel,stride,padding', [
-    ((4, 24, 24, 3), (5, 5, 3, 64), 1, 'SAME'),  # Recipe A conv1
-    ((4, 12, 12, 64), (5, 5, 64, 64), 1, 'SAME'),  # Recipe A conv2
-    ((3, 9, 7, 5), (3, 3, 5, 6), 2, 'SAME'),  # odd sizes, stride 2: TF pads after
-    ((2, 8, 8, 4), (3, 3, 4, 8), 1, 'VALID'),
+@pytest.mark.parametrize('shape,kernel,stride,padding,relu', [
+    ((4, 24, 24, 3), (5, 5, 3, 64), 1, 'SAME', True),  # Recipe A conv1
+    ((4, 12, 12, 64), (5, 5, 64, 64), 1, 'SAME', True),  # Recipe A conv2
+    ((3, 9, 7, 5), (3, 3, 5, 6), 2, 'SAME', False),  # odd sizes, stride 2: TF pads after
+    ((2, 8, 8, 4), (3, 3, 4, 8), 1, 'VALID', False),
 ])
-def test_conv_matches_tf_forward_and_gradients(tf, cpu_kernels, shape, kernel, stride, padding):
+def test_conv_bias_relu_matches_tf_forward_and_gradients(tf, cpu_kernels, shape, kernel, stride,
+                                                         padding, relu):
   rng = np.random.default_rng(0)
   x = rng.normal(size=shape).astype(np.float32)
   w = rng.normal(0, 0.1, kernel).astype(np.float32)
-  xt, wt = tf.constant(x), tf.constant(w)
-  with tf.GradientTape(persistent=True) as tape:
-    tape.watch([xt, wt])
-    expected = tf.nn.conv2d(xt, wt, stride, padding)
+  b = rng.normal(0, 0.1, kernel[-1:]).astype(np.float32)
+  inputs = [tf.constant(v) for v in (x, w, b)]
+  with tf.GradientTape() as tape:
+    tape.watch(inputs)
+    expected = tf.nn.bias_add(tf.nn.conv2d(inputs[0], inputs[1], stride, padding), inputs[2])
+    expected = tf.nn.relu(expected) if relu else expected
   g = rng.normal(size=expected.shape).astype(np.float32)
-  expected_dx, expected_dw = tape.gradient(expected, [xt, wt], output_gradients=tf.constant(g))
-  conv = lambda a, b: ops.conv_general_dilated(a, b, (stride, stride), padding,
-                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  out, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
-  dx, dw = vjp(jnp.asarray(g))
-  for ours, theirs in ((out, expected), (dx, expected_dx), (dw, expected_dw)):
+  expected_grads = tape.gradient(expected, inputs, output_gradients=tf.constant(g))
+  conv = lambda *a: ops.conv2d(*a, stride=stride, padding=padding, relu=relu)
+  out, vjp = jax.vjp(conv, *map(jnp.asarray, (x, w, b)))
+  for ours, theirs in zip((out, *vjp(jnp.asarray(g))), (expected, *expected_grads), strict=True):
     scale = np.abs(theirs.numpy()).max()
     np.testing.assert_allclose(ours / scale, theirs.numpy() / scale, atol=2e-6)
 

@@ -1,6 +1,7 @@
 // oneDNN kernels as typed XLA FFI handlers: the CPU fast path of cnnjax/kernels.py.
 //
-// Convolution (forward, input gradient, kernel gradient; no bias: XLA adds it), max
+// Convolution (forward with bias and an optional fused ReLU, input gradient, kernel
+// and bias gradients), max
 // pooling and cross-channel LRN (forward with a workspace, backward from it), all
 // float32 on XLA's own buffers (NHWC activations, HWIO kernels): no copies in or
 // out. Primitives are built once per shape and cached; each call wraps XLA's
@@ -105,16 +106,22 @@ struct ConvShape {
   memory::desc Src(Tag tag = Tag::nhwc) const { return {{n, c, h, w}, kF32, tag}; }
   memory::desc Dst(Tag tag = Tag::nhwc) const { return {{n, o, oh, ow}, kF32, tag}; }
   memory::desc Weights(Tag tag) const { return {{o, c, kh, kw}, kF32, tag}; }
+  memory::desc Bias() const { return {{o}, kF32, Tag::x}; }
   Dims Strides() const { return {sh, sw}; }
   Dims PadL() const { return {pt, pl}; }
   Dims PadR() const { return {pb, pr}; }
   std::string Key() const {
     return ::Key({n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pl, pb, pr});
   }
-  dnnl::convolution_forward::primitive_desc ForwardPd() const {
+  dnnl::convolution_forward::primitive_desc ForwardPd(bool relu = false) const {
+    dnnl::primitive_attr attr = UserScratchpad();
+    if (relu) {
+      dnnl::post_ops ops;
+      ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+      attr.set_post_ops(ops);
+    }
     return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-            Src(), Weights(Tag::any), Dst(), Strides(), PadL(), PadR(),
-            UserScratchpad()};
+            Src(), Weights(Tag::any), Bias(), Dst(), Strides(), PadL(), PadR(), attr};
   }
 };
 
@@ -161,20 +168,21 @@ memory Reordered(const WeightsReorder& r, const memory& src, int slot) {
 }
 
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y,
+                           ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
                            int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb,
-                           int64_t pr) {
+                           int64_t pr, int64_t relu) {
   const ConvShape s = MakeConvShape(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw,
                                     pt, pl, pb, pr);
   static Cache<ConvForward> cache;
-  const ConvForward& op = cache.Get(s.Key(), [&] {
-    auto pd = s.ForwardPd();
+  const ConvForward& op = cache.Get(s.Key() + std::to_string(relu), [&] {
+    auto pd = s.ForwardPd(relu != 0);
     return ConvForward{pd, dnnl::convolution_forward(pd),
                        MakeReorder(s.Weights(Tag::hwio), pd.weights_desc())};
   });
   memory weights = Reordered(op.to_preferred, Wrap(s.Weights(Tag::hwio), w.typed_data()), 1);
   op.prim.execute(Stream(), {{DNNL_ARG_SRC, Wrap(s.Src(), x.typed_data())},
                              {DNNL_ARG_WEIGHTS, weights},
+                             {DNNL_ARG_BIAS, Wrap(s.Bias(), b.typed_data())},
                              {DNNL_ARG_DST, Wrap(s.Dst(), y->typed_data())},
                              {DNNL_ARG_SCRATCHPAD, ScratchpadFor(op.pd)}});
   return ffi::Error::Success();
@@ -202,14 +210,16 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
 }
 
 ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                                   ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
+                                   ffi::ResultBuffer<ffi::F32> dw,
+                                   ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw,
                                    int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
   const ConvShape s = MakeConvShape(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw,
                                     pt, pl, pb, pr);
   static Cache<ConvBackwardWeights> cache;
   const ConvBackwardWeights& op = cache.Get(s.Key(), [&] {
     dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.Weights(Tag::any), s.Dst(), s.Strides(), s.PadL(), s.PadR(), s.ForwardPd(), UserScratchpad());
+        Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.Weights(Tag::any), s.Bias(),
+        s.Dst(), s.Strides(), s.PadL(), s.PadR(), s.ForwardPd(), UserScratchpad());
     return ConvBackwardWeights{pd, dnnl::convolution_backward_weights(pd),
                                MakeReorder(pd.diff_weights_desc(), s.Weights(Tag::hwio))};
   });
@@ -222,6 +232,7 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
   op.prim.execute(Stream(), {{DNNL_ARG_SRC, Wrap(s.Src(), x.typed_data())},
                              {DNNL_ARG_DIFF_DST, Wrap(s.Dst(), dy.typed_data())},
                              {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
+                             {DNNL_ARG_DIFF_BIAS, Wrap(s.Bias(), db->typed_data())},
                              {DNNL_ARG_SCRATCHPAD, ScratchpadFor(op.pd)}});
   if (!direct) {
     op.to_hwio.reorder.execute(Stream(), {{DNNL_ARG_FROM, diff_weights}, {DNNL_ARG_TO, hwio}});
@@ -400,7 +411,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxConvForward, CNNJAX_GUARD(ConvForwardImpl),
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS.Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxConvBackwardData, CNNJAX_GUARD(ConvBackwardDataImpl),
                               ffi::Ffi::Bind()
@@ -412,6 +424,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxConvBackwardWeights, CNNJAX_GUARD(ConvBackwa
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxMaxPoolForward, CNNJAX_GUARD(PoolForwardImpl),
