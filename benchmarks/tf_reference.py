@@ -1,4 +1,14 @@
-"""TensorFlow ports of the recipes' train steps: the peer in benchmarks/cpu_vs_tf.py.
+"""TensorFlow ports of the recipes' train steps: the peer of cnnjax in benchmarks/.
+
+As a module: TrainStep, the peer in benchmarks/cpu_vs_tf.py. As a script, a TF2
+port of the seeds' whole training scripts (seed 003's cifar10 script for Recipe A):
+
+    python benchmarks/tf_reference.py --config configs/cifar_lrn.py [--steps N] [--seed S]
+
+reads the same TFDS data, augments each image on the host with the tf.image ops in a
+parallel tf.data pipeline (as cifar10_input.distorted_inputs' 16 threads), trains
+with the seed's log line every log_every steps and evaluates precision @ 1 on exactly
+the eval split. Results: docs/RESULTS.md.
 
 Each recipe's step is written the way the seeds' TF 1.x code computes it (tf.nn
 convolutions, max pools and LRN, the tf.image augmentations on 0-255 float
@@ -11,8 +21,10 @@ same recipe (LRN constants, initialisers, widths), so the two sides cannot
 drift apart: only the framework differs.
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402  (after the log level)
 
 from cnnjax import models, optim  # noqa: E402
@@ -210,8 +222,10 @@ class TrainStep:
   """A recipe's whole TF train step on a uint8 batch: augmentation, forward, loss,
   gradients and the optimizer update (plus EMA where the recipe keeps one)."""
 
-  def __init__(self, config, image_shape, num_classes, num_train_examples=50000, seed=0):
+  def __init__(self, config, image_shape, num_classes, num_train_examples=50000, seed=0,
+               augment_in_step=True):
     tf.random.set_seed(seed)
+    self.augment_in_step = augment_in_step
     module = models.create(config.model, num_classes)
     self.config = config
     self.apply = NETWORKS[config.model](module)
@@ -231,7 +245,7 @@ class TrainStep:
 
   def _step(self, images, labels):
     c = self.config
-    x = augment(images, c.augment, train=True)
+    x = augment(images, c.augment, train=True) if self.augment_in_step else images
     state = {'updates': [], 'dropout_seed': 1}
     with tf.GradientTape() as tape:
       logits = self.apply(self.params, x, True, state)
@@ -262,3 +276,105 @@ class TrainStep:
 
   def __call__(self, images, labels):
     return self._fn(images, labels)
+
+  def logits(self, images):
+    """Evaluation-mode logits (weight averages where kept) of preprocessed images."""
+    if self.ema is None:
+      return self.apply(self.params, images, False, {'updates': [], 'dropout_seed': 0})
+    saved = [tf.identity(v) for v in self.trainable]
+    for v, e in zip(self.trainable, self.ema):
+      v.assign(e)
+    try:
+      return self.apply(self.params, images, False, {'updates': [], 'dropout_seed': 0})
+    finally:
+      for v, s in zip(self.trainable, saved):
+        v.assign(s)
+
+
+def distort(image, cfg):
+  """cifar10_input.distorted_inputs on one image: the tf.image ops themselves."""
+  x = tf.cast(image, tf.float32)
+  if cfg.crop_size:
+    if cfg.train_crop == 'random':
+      x = tf.image.random_crop(x, [cfg.crop_size, cfg.crop_size, x.shape[-1]])
+    else:
+      x = tf.image.resize_with_crop_or_pad(x, cfg.crop_size, cfg.crop_size)
+  if cfg.flip:
+    x = tf.image.random_flip_left_right(x)
+  if cfg.brightness:
+    x = tf.image.random_brightness(x, cfg.brightness)
+  if cfg.contrast:
+    x = tf.image.random_contrast(x, *cfg.contrast)
+  return tf.image.per_image_standardization(x) if cfg.scale == 'standardize' else x / 255.0
+
+
+def train_and_evaluate(config, steps, seed):
+  """The seed's script in TF2: tf.data augmentation, train, log, evaluate."""
+  import time
+
+  import numpy as np
+  import tensorflow_datasets as tfds
+  tf.random.set_seed(seed)
+  builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  info = builder.info
+  num_train = info.splits[config.train_split].num_examples
+  shape = info.features['image'].shape
+  cfg = config.augment
+  train = (builder.as_dataset(split=config.train_split, as_supervised=True)
+           .shuffle(20000, seed=seed).repeat()
+           .map(lambda x, y: (distort(x, cfg), tf.cast(y, tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+           .batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+  step_fn = TrainStep(config, shape, info.features['label'].num_classes, num_train, seed,
+                      augment_in_step=False)
+  start = time.perf_counter()
+  last = start
+  for step, (images, labels) in enumerate(train.take(steps)):
+    loss = step_fn(images, labels)
+    if step % config.log_every == 0:
+      loss_value = float(loss)
+      now = time.perf_counter()
+      duration = (now - last) / (config.log_every if step else 1)
+      last = now
+      print(f'step {step}, loss = {loss_value:.2f} ({config.batch_size / duration:.1f} '
+            f'examples/sec; {duration:.3f} sec/batch)', flush=True)
+  train_time = time.perf_counter() - start
+
+  def central(x, y):
+    x = tf.cast(x, tf.float32)
+    if cfg.crop_size:
+      x = tf.image.resize_with_crop_or_pad(x, cfg.crop_size, cfg.crop_size)
+    x = tf.image.per_image_standardization(x) if cfg.scale == 'standardize' else x / 255.0
+    return x, y
+
+  test = (builder.as_dataset(split=config.eval_split, as_supervised=True)
+          .map(central, num_parallel_calls=tf.data.AUTOTUNE).batch(500))
+  predict = tf.function(lambda x: tf.argmax(step_fn.logits(x), -1, output_type=tf.int64))
+  correct = count = 0
+  for images, labels in test:
+    correct += int(np.sum(predict(images).numpy() == labels.numpy()))
+    count += int(labels.shape[0])
+  total = time.perf_counter() - start
+  print(f'precision @ 1 = {correct / count:.4f} ({correct} / {count}); training {train_time:.1f} s, '
+        f'training + evaluation {total:.1f} s', flush=True)
+  return correct / count
+
+
+def main():
+  import argparse
+  import importlib.util
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--steps', type=int, default=0, help='default: the config\'s num_train_steps')
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args()
+  spec = importlib.util.spec_from_file_location('recipe_config', args.config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  print(f'tensorflow {tf.__version__}: {config.recipe}', flush=True)
+  train_and_evaluate(config, args.steps or config.num_train_steps, args.seed)
+
+
+if __name__ == '__main__':
+  main()

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import config as config_lib, loop, models, parallel, train
+from cnnjax import config as config_lib, kernels, loop, models, parallel, train
 from cnnjax.errors import UserError
 
 # (image size, channels, classes) of datasets whose shapes bench knows without TFDS.
@@ -102,7 +102,7 @@ def run(config):
   s = Synthetic(config)
   loop.log(f'bench: {config.model}, {models.param_count(s.state.params):,} parameters, '
            f'batch {s.batch} of {s.size}x{s.size}x{s.channels}, {jax.device_count()} x '
-           f'{jax.devices()[0].device_kind}')
+           f'{jax.devices()[0].device_kind}; kernels: {kernels.describe()}')
   b = config.bench
   results = {'forward': time_run('Forward', s.forward, b.burn_in, b.steps, s.batch)}
   results['forward_backward'] = time_run('Forward-backward', s.train_once, b.burn_in, b.steps,

@@ -53,7 +53,7 @@ def _load():
   built = [path for suffix in importlib.machinery.EXTENSION_SUFFIXES
            for path in glob.glob(os.path.join(_HERE, '_onednn' + suffix))]
   if not built:
-    return None, 'the oneDNN extension was not built (see the install notes in README.md)'
+    return None, 'the oneDNN extension was not built; see the install notes in README.md'
   try:
     return ctypes.CDLL(built[0]), None
   except OSError as e:

@@ -12,7 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnnjax import checkpoint, config as config_lib, data, models, optim, parallel, plots, train
+from cnnjax import (checkpoint, config as config_lib, data, kernels, models, optim, parallel,
+                    plots, train)
 from cnnjax.errors import UserError
 from cnnjax.report import Reporter
 
@@ -103,6 +104,7 @@ class Trainer:
     log(f'model: {c.model}, {models.param_count(self.state.params):,} parameters')
     log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} '
         f'({jax.process_count()} process(es))')
+    log(f'kernels: {kernels.describe()}')
     num_train = data.num_examples(self.builder, c.train_split)
     log(f'data: {c.dataset} {c.train_split}={num_train:,} examples, '
         f'{c.eval_split}={self.eval_total:,} examples')

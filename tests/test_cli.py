@@ -118,3 +118,20 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
   assert unwritable.returncode == 2
   assert len(unwritable.stderr.strip().splitlines()) == 1
   assert 'is not writable' in unwritable.stderr
+
+
+def test_without_the_onednn_extension_runs_on_xla_and_says_so(tmp_path):
+  # A checkout whose native build failed (no compiler, another platform): same code, no .so.
+  import shutil
+  for name in ('cnnjax', 'configs'):
+    shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns('*.so'))
+  shutil.copy(ROOT / 'run.py', tmp_path)
+  result = subprocess.run(
+      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir',
+       str(tmp_path / 'w'), '--config.num_train_steps=2', *SMALL], cwd=tmp_path,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  kernel_lines = [l for l in result.stdout.splitlines() if l.startswith('kernels: ')]
+  assert kernel_lines == ['kernels: XLA (the oneDNN extension was not built; see the install '
+                          'notes in README.md)'], result.stdout
+  assert re.search(r'^step 2: precision @ 1 = ', result.stdout, re.M)

@@ -127,3 +127,37 @@ def test_batch_that_does_not_divide_the_devices_is_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip() == ('error: batch_size=36 does not divide evenly across 8 '
                                    'devices; use a multiple of 8')
+
+
+PER_DEVICE_CHECK = '''
+import re, sys
+from cnnjax import bench, kernels
+from tests.conftest import small_config
+s = bench.Synthetic(small_config(batch_size=32))
+hlo = s._step.lower(s.state, s.batch_data).compile().as_text()
+calls = re.findall(r'= (\\(?f32\\[\\d+)[^=]*? custom-call\\(.*custom_call_target="(cnnjax_\\w+)"', hlo)
+print(kernels.describe())
+for shape, target in calls:
+  print(target, shape.lstrip('(f32['))
+'''
+
+
+def test_onednn_calls_run_per_device_on_eight_devices():
+  # The custom calls are opaque to XLA's partitioner: without shard_map it would gather
+  # the whole batch onto every device. Each call must see its device's 32 / 8 = 4 images.
+  from cnnjax import kernels
+  if not kernels.available():
+    pytest.skip(kernels.describe())
+  result = subprocess.run([sys.executable, '-c', PER_DEVICE_CHECK], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **EIGHT})
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('oneDNN'), lines[0]
+  calls = [line.split() for line in lines[1:]]
+  forward = [batch for target, batch in calls if target in ('cnnjax_conv_fwd', 'cnnjax_lrn_fwd',
+                                                             'cnnjax_max_pool_fwd')]
+  assert len(forward) == 2 + 2 + 2, calls  # Recipe A: two of each
+  assert set(forward) == {'4'}, calls
+  assert {target for target, _ in calls} >= {'cnnjax_conv_bwd_data', 'cnnjax_conv_bwd_weights',
+                                             'cnnjax_lrn_bwd', 'cnnjax_max_pool_bwd'}

@@ -379,10 +379,20 @@ ffi::Error LrnBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return ffi::Error::Success();
 }
 
+// One oneDNN call at a time. Each already uses every core through its OpenMP team;
+// XLA runs independent thunks concurrently (a convolution's input and kernel
+// gradients, say), and two teams on the same cores oversubscribe them. The second
+// caller sleeps on the lock instead.
+std::mutex& CallLock() {
+  static std::mutex* lock = new std::mutex;
+  return *lock;
+}
+
 // oneDNN reports failures as dnnl::error: turn them into an XLA error, never a crash.
 template <typename F>
 ffi::Error Guarded(F f) {
   try {
+    std::lock_guard<std::mutex> lock(CallLock());
     return f();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
