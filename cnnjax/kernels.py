@@ -25,7 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from cnnjax.errors import UserError
+
 MODES = ('auto', 'onednn', 'xla')
+YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+
+
+def _keep_xla_convolutions_off_ynnpack():
+  """Where XLA's own CPU convolutions run (CNNJAX_CPU_KERNELS=xla, no extension), use its
+  Eigen path: jaxlib 0.10 sends them to YNNPACK by default, which made Recipe A's step
+  1.25x slower on this project's machines (docs/RESULTS.md). Set before the CPU backend
+  starts (cnnjax is imported first); a user's own choice of the flag wins."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_cpu_experimental_ynn_fusion_type' not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {YNN_FLAG}'.strip()
+
+
+_keep_xla_convolutions_off_ynnpack()
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _mode = os.environ.get('CNNJAX_CPU_KERNELS', 'auto')
 
@@ -82,13 +98,17 @@ def available():
   return _lib is not None
 
 
+def _check_mode():
+  if _mode not in MODES:
+    raise UserError(f'CNNJAX_CPU_KERNELS={_mode!r} is not one of {", ".join(MODES)}')
+  if _lib is None and _mode == 'onednn':
+    raise UserError(f'CNNJAX_CPU_KERNELS=onednn, but {_unavailable}')
+
+
 def enabled():
   """Whether ops take the oneDNN path now (decided when a function is traced)."""
-  if _mode == 'xla' or jax.default_backend() != 'cpu':
-    return False
-  if _lib is None and _mode == 'onednn':
-    raise RuntimeError(f'CNNJAX_CPU_KERNELS=onednn, but {_unavailable}')
-  return _lib is not None
+  _check_mode()
+  return _mode != 'xla' and _lib is not None and jax.default_backend() == 'cpu'
 
 
 @contextlib.contextmanager
@@ -106,6 +126,7 @@ def using(mode):
 
 def describe():
   """One line for the start of a run: which kernels the CPU backend uses, and why."""
+  _check_mode()
   if jax.default_backend() != 'cpu':
     return f'XLA ({jax.default_backend()} backend)'
   if _mode == 'xla':

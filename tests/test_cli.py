@@ -135,3 +135,10 @@ def test_without_the_onednn_extension_runs_on_xla_and_says_so(tmp_path):
   assert kernel_lines == ['kernels: XLA (the oneDNN extension was not built; see the install '
                           'notes in README.md)'], result.stdout
   assert re.search(r'^step 2: precision @ 1 = ', result.stdout, re.M)
+
+
+def test_unknown_cpu_kernels_setting_is_one_line(tmp_path):
+  result = run('--workdir', str(tmp_path), *SMALL, env={'CNNJAX_CPU_KERNELS': 'fast'})
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("error: CNNJAX_CPU_KERNELS='fast' is not one of auto, "
+                                   "onednn, xla")

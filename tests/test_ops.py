@@ -1,4 +1,6 @@
 """cnnjax.ops against TensorFlow's own ops, forward and gradient."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +102,29 @@ def test_cpu_kernels_are_onednn_where_built():
     assert not kernels.enabled() and 'CNNJAX_CPU_KERNELS=xla' in kernels.describe()
 
 
+def test_other_backends_keep_xlas_kernels(monkeypatch):
+  from cnnjax import kernels
+  monkeypatch.setattr(kernels.jax, 'default_backend', lambda: 'gpu')
+  with kernels.using('auto'):
+    assert not kernels.enabled()
+    assert kernels.describe() == 'XLA (gpu backend)'
+
+
 def test_l2_loss_matches_tf(tf):
   w = np.random.default_rng(0).normal(size=(5, 5, 3, 64)).astype(np.float32)
   np.testing.assert_allclose(ops.l2_loss(jnp.asarray(w)), tf.nn.l2_loss(w).numpy(), rtol=1e-6)
+
+
+def test_xla_convolutions_are_kept_off_ynnpack_unless_the_user_chose():
+  import subprocess
+  import sys
+  code = 'import os, cnnjax.kernels; print(os.environ["XLA_FLAGS"])'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                       check=True).stdout.strip()
+  from cnnjax import kernels
+  assert out == kernels.YNN_FLAG
+  mine = '--xla_cpu_experimental_ynn_fusion_type='
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env=dict(env, XLA_FLAGS=mine), check=True).stdout.strip()
+  assert out == mine
