@@ -141,15 +141,18 @@ def describe():
 # --- per-device partitioning ------------------------------------------------------------
 
 def _per_device(fn, in_specs, out_specs, batch):
-  """fn under shard_map over the context mesh's 'batch' axis (or fn when there is no mesh).
+  """fn under shard_map over the context mesh's 'batch' axis (or fn on a single device).
 
-  None when the batch cannot be split evenly (e.g. the 1-example batch of
-  model.init on 8 devices): the caller then takes XLA's path.
+  None where it cannot be partitioned that way (no mesh but several devices, a mesh
+  without a 'batch' axis over all its devices, or a batch that does not split evenly,
+  e.g. model.init's one-example batch on 8 devices): the caller then takes XLA's path.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or 'batch' not in mesh.axis_names or mesh.shape['batch'] == 1:
-    return fn if (not mesh.empty or jax.device_count() == 1) else None
-  if batch % mesh.shape['batch']:
+  if mesh.empty:
+    return fn if jax.device_count() == 1 else None
+  if mesh.size == 1:
+    return fn
+  if mesh.shape.get('batch') != mesh.size or batch % mesh.size:
     return None
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
