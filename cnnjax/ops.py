@@ -79,7 +79,7 @@ def conv2d(x, kernel, bias=None, stride=1, padding='SAME', relu=False):
                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   if bias is not None:
     y = y + bias
-  return jnp.maximum(y, 0) if relu else y
+  return jax.nn.relu(y) if relu else y  # gradient 0 at 0, as tf.nn.relu
 
 
 def _pool_padding(size, window, stride, padding):
