@@ -12,7 +12,6 @@ examples/sec of each and the ratio cnnjax / TF (above 1: cnnjax is faster).
 Results and the command: docs/RESULTS.md.
 """
 import argparse
-import importlib.util
 import os
 import pathlib
 import statistics
@@ -27,19 +26,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_reference  # noqa: E402
-from cnnjax import bench, kernels  # noqa: E402
+from cnnjax import bench, config as config_lib, kernels  # noqa: E402
 
 tf = tf_reference.tf
 RECIPES = {'A': 'cifar_lrn', 'B': 'cifar_cookbook', 'C': 'cifar_tutorial', 'D': 'mnist_cnn',
            'E': 'cifar_deep', 'F': 'cifar_vgg16'}
 FEW_STEPS = {'E': 3, 'F': 3}  # the deep nets take seconds per step on two cores
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def timed(fn, steps):
@@ -52,7 +44,7 @@ def timed(fn, steps):
 
 
 def compare(recipe, steps, rounds, warmup):
-  config = load_config(RECIPES[recipe])
+  config = config_lib.load_file(ROOT / 'configs' / f'{RECIPES[recipe]}.py')
   ours = bench.Synthetic(config)
   images = tf.constant(ours.host_batch['image'])
   labels = tf.constant(ours.host_batch['label'])

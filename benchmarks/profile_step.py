@@ -13,7 +13,6 @@ import argparse
 import collections
 import glob
 import gzip
-import importlib.util
 import json
 import pathlib
 import re
@@ -26,14 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from cnnjax import bench, kernels  # noqa: E402
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('recipe_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from cnnjax import bench, config as config_lib, kernels  # noqa: E402
 
 
 INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*)$')
@@ -74,7 +66,7 @@ def main():
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--top', type=int, default=40)
   args = parser.parse_args()
-  s = bench.Synthetic(load_config(args.config))
+  s = bench.Synthetic(config_lib.load_file(args.config))
   described = describe_instructions(
       s._step.lower(s.state, s.batch_data).compile().as_text())
   for _ in range(5):

@@ -27,7 +27,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402  (after the log level)
 
-from cnnjax import models, optim  # noqa: E402
+from cnnjax import config as config_lib, models, optim  # noqa: E402
 
 
 class Params:
@@ -340,15 +340,9 @@ def train_and_evaluate(config, steps, seed):
             f'examples/sec; {duration:.3f} sec/batch)', flush=True)
   train_time = time.perf_counter() - start
 
-  def central(x, y):
-    x = tf.cast(x, tf.float32)
-    if cfg.crop_size:
-      x = tf.image.resize_with_crop_or_pad(x, cfg.crop_size, cfg.crop_size)
-    x = tf.image.per_image_standardization(x) if cfg.scale == 'standardize' else x / 255.0
-    return x, y
-
-  test = (builder.as_dataset(split=config.eval_split, as_supervised=True)
-          .map(central, num_parallel_calls=tf.data.AUTOTUNE).batch(500))
+  test = (builder.as_dataset(split=config.eval_split, as_supervised=True).batch(500)
+          .map(lambda x, y: (augment(x, cfg, train=False), y),  # central crop + scaling
+               num_parallel_calls=tf.data.AUTOTUNE))
   predict = tf.function(lambda x: tf.argmax(step_fn.logits(x), -1, output_type=tf.int64))
   correct = count = 0
   for images, labels in test:
@@ -362,16 +356,12 @@ def train_and_evaluate(config, steps, seed):
 
 def main():
   import argparse
-  import importlib.util
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', required=True)
   parser.add_argument('--steps', type=int, default=0, help='default: the config\'s num_train_steps')
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
-  spec = importlib.util.spec_from_file_location('recipe_config', args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_file(args.config)
   print(f'tensorflow {tf.__version__}: {config.recipe}', flush=True)
   train_and_evaluate(config, args.steps or config.num_train_steps, args.seed)
 

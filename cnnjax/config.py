@@ -2,6 +2,8 @@
 
 configs/<recipe>.py start from base_config() and change what the recipe needs.
 """
+import importlib.util
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -56,6 +58,14 @@ def base_config():
   c.bench = ml_collections.ConfigDict(dict(
       batch_size=0, image_size=0, channels=0, num_classes=0, steps=200, burn_in=10))
   return c
+
+
+def load_file(path):
+  """get_config() of a config file (configs/<recipe>.py), for scripts outside run.py."""
+  spec = importlib.util.spec_from_file_location('recipe_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def no_augmentation(scale='unit'):
