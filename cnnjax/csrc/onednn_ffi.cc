@@ -1,19 +1,17 @@
 // oneDNN kernels as typed XLA FFI handlers: the CPU fast path of cnnjax/kernels.py.
 //
 // Convolution (forward with bias and an optional fused ReLU, input gradient, kernel
-// and bias gradients), max
-// pooling and cross-channel LRN (forward with a workspace, backward from it), all
-// float32 on XLA's own buffers (NHWC activations, HWIO kernels): no copies in or
-// out. Primitives are built once per shape and cached; each call wraps XLA's
-// pointers in oneDNN memory objects and runs on the calling thread (oneDNN's own
-// OpenMP threads do the work).
+// and bias gradients), max pooling and cross-channel LRN (forward with a workspace,
+// backward from it), all float32 on XLA's own buffers (NHWC activations, HWIO
+// kernels): no copies in or out. Primitives are built once per shape and cached;
+// each call wraps XLA's pointers in oneDNN memory objects and runs on the calling
+// thread (oneDNN's own OpenMP threads do the work).
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
