@@ -130,8 +130,20 @@ def deep_cnn(module):
   return apply
 
 
+def paddle_normal(scale):
+  """PaddlePaddle's Gaussian initialiser: N(0, sqrt(scale / fan_in)), not truncated."""
+  def init(shape, seed):
+    fan_in = 1
+    for d in shape[:-1]:
+      fan_in *= d
+    return tf.random.stateless_normal(shape, (seed, 0), stddev=(scale / fan_in) ** 0.5)
+  return init
+
+
 def vgg16_cifar(module):
-  """Recipe F: VGG-16 with fused batch norm (momentum 0.9, epsilon 1e-5) and dropout."""
+  """Recipe F: seed 004's PaddlePaddle VGG-16: its initialisers (He normal convs, N(0,
+  1/sqrt(fan_in)) fc weights, zero biases), fused batch norm (momentum 0.9, epsilon
+  1e-5), Paddle's dropout (no rescaling in training, x (1 - rate) at test)."""
   def batch_norm(p, name, x, train, state):
     c = x.shape[-1]
     scale = p.get(f'{name}/scale', [c], constant(1.0))
@@ -140,29 +152,41 @@ def vgg16_cifar(module):
     var = p.get(f'{name}/var', [c], constant(1.0))
     shape = x.shape
     x4 = x if len(shape) == 4 else tf.reshape(x, [shape[0], 1, 1, c])
-    y, m, v = tf.compat.v1.nn.fused_batch_norm(x4, scale, offset, epsilon=1e-5,
-                                                is_training=True)
-    state['updates'] += [mean.assign(0.9 * mean + 0.1 * m), var.assign(0.9 * var + 0.1 * v)]
+    if train:
+      y, m, v = tf.compat.v1.nn.fused_batch_norm(x4, scale, offset, epsilon=1e-5,
+                                                  is_training=True)
+      # fused_batch_norm returns the unbiased (n / (n - 1)) variance; Paddle keeps the batch's.
+      n = tf.cast(tf.size(x4) // c, tf.float32)
+      v = v * (n - 1) / n
+      state['updates'] += [mean.assign(0.9 * mean + 0.1 * m), var.assign(0.9 * var + 0.1 * v)]
+    else:
+      y, _, _ = tf.compat.v1.nn.fused_batch_norm(x4, scale, offset, mean, var, epsilon=1e-5,
+                                                  is_training=False)
     return tf.reshape(y, shape)
 
   def dropout(x, rate, train, state):
-    if train and rate:
-      state['dropout_seed'] += 1
-      x = tf.nn.dropout(x, rate, seed=state['dropout_seed'])
-    return x
+    if not rate:
+      return x
+    if not train:
+      return x * (1.0 - rate)
+    state['dropout_seed'] += 1
+    keep = tf.random.stateless_uniform(tf.shape(x), (state['dropout_seed'], 7)) >= rate
+    return tf.where(keep, x, tf.zeros_like(x))
+
+  conv_init, fc_init = paddle_normal(2.0), paddle_normal(1.0)
 
   def apply(p, x, train, state):
     for g, (width, drops) in enumerate(models.VGG16_CIFAR_GROUPS, start=1):
       for i, rate in enumerate(drops, start=1):
-        x = conv(p, f'conv{g}_{i}', x, 3, width, he_normal)
+        x = conv(p, f'conv{g}_{i}', x, 3, width, conv_init)
         x = tf.nn.relu(batch_norm(p, f'bn{g}_{i}', x, train, state))
         x = dropout(x, rate, train, state)
       x = max_pool(x, 2, 2)
     x = dropout(tf.reshape(x, [x.shape[0], -1]), 0.5, train, state)
-    x = tf.nn.relu(batch_norm(p, 'bn_fc1', dense(p, 'fc1', x, 512, glorot), train, state))
+    x = tf.nn.relu(batch_norm(p, 'bn_fc1', dense(p, 'fc1', x, 512, fc_init), train, state))
     x = dropout(x, 0.5, train, state)
-    x = dense(p, 'fc2', x, 512, glorot)
-    return dense(p, 'logits', x, module.num_classes, glorot)
+    x = dense(p, 'fc2', x, 512, fc_init)
+    return dense(p, 'logits', x, module.num_classes, fc_init)
   return apply
 
 
@@ -205,15 +229,16 @@ def learning_rate_fn(config, num_train_examples):
       config.decay_rate, staircase=config.staircase)
 
 
-def l2_losses(p, coefficients):
-  """sum of wl * tf.nn.l2_loss(kernel) over the config's layers ('*': the others)."""
+def l2_losses(p, coefficients, on='kernels'):
+  """sum of wl * tf.nn.l2_loss(v) over the config's layers ('*': the others), v their
+  kernels (on='kernels') or every trainable variable (on='all', Paddle's L2 decay)."""
   wl_of = dict(coefficients)
   default = wl_of.pop('*', 0.0)
   terms = []
   for name, var in p.variables.items():
     layer, kind = name.split('/')
     wl = wl_of.get(layer, default)
-    if kind == 'kernel' and wl:
+    if wl and (kind == 'kernel' or (on == 'all' and kind not in ('mean', 'var'))):
       terms.append(wl * tf.nn.l2_loss(var))
   return tf.add_n(terms) if terms else tf.constant(0.0)
 
@@ -251,7 +276,7 @@ class TrainStep:
       logits = self.apply(self.params, x, True, state)
       ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
           labels=labels, logits=logits))
-      loss = ce + l2_losses(self.params, self.coefficients)
+      loss = ce + l2_losses(self.params, self.coefficients, c.weight_loss_on)
     grads = tape.gradient(loss, self.trainable)
     lr = tf.cast(self.lr(self.step), tf.float32)
     for i, (v, g) in enumerate(zip(self.trainable, grads)):
@@ -272,9 +297,10 @@ class TrainStep:
       d = tf.minimum(c.ema_decay, (1.0 + step) / (10.0 + step))
       for e, v in zip(self.ema, self.trainable):
         e.assign(d * e + (1 - d) * v)
-    return loss
+    return loss, ce
 
   def __call__(self, images, labels):
+    """(loss with weight losses, mean cross-entropy) of the step just taken."""
     return self._fn(images, labels)
 
   def logits(self, images):
@@ -330,14 +356,14 @@ def train_and_evaluate(config, steps, seed):
   start = time.perf_counter()
   last = start
   for step, (images, labels) in enumerate(train.take(steps)):
-    loss = step_fn(images, labels)
+    loss, ce = step_fn(images, labels)
     if step % config.log_every == 0:
       loss_value = float(loss)
       now = time.perf_counter()
       duration = (now - last) / (config.log_every if step else 1)
       last = now
       print(f'step {step}, loss = {loss_value:.2f} ({config.batch_size / duration:.1f} '
-            f'examples/sec; {duration:.3f} sec/batch)', flush=True)
+            f'examples/sec; {duration:.3f} sec/batch); cross-entropy {float(ce):.4f}', flush=True)
   train_time = time.perf_counter() - start
 
   test = (builder.as_dataset(split=config.eval_split, as_supervised=True).batch(500)

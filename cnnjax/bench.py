@@ -87,7 +87,8 @@ class Synthetic:
     self._forward = jax.jit(lambda v, x: apply_fn(v, x, train=False), out_shardings=sharded)
     terms = loop.weight_loss_terms(config, self.state.params)
     self._step = jax.jit(functools.partial(train.train_step, augment_cfg=config.augment.lock(),
-                                           coefficients=terms, ema_decay=config.ema_decay),
+                                           coefficients=terms, weight_loss_on=config.weight_loss_on,
+                                           ema_decay=config.ema_decay),
                          out_shardings=(replicated, replicated), donate_argnums=0)
 
   def forward(self):

@@ -38,6 +38,9 @@ def base_config():
   c.model = 'cifar_lrn'
   # layer name -> wl, adding wl * tf.nn.l2_loss(kernel) to the loss; '*': every other layer.
   c.weight_loss = ml_collections.ConfigDict()
+  # Which parameters of those layers: 'kernels' (TF's losses collection) or 'all'
+  # (biases and batch-norm scale/offset too: PaddlePaddle's L2Regularization).
+  c.weight_loss_on = 'kernels'
   # > 0: keep an exponential moving average of the params (TF's, with num_updates=step)
   # in the train state and evaluate with it.
   c.ema_decay = 0.0
@@ -85,6 +88,8 @@ def validate(c):
   for field in ('num_train_steps', 'eval_every', 'checkpoint_every', 'input_shards'):
     need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
   need(c.learning_rate > 0, f'learning_rate must be positive, got {c.learning_rate}')
+  need(c.weight_loss_on in ('kernels', 'all'),
+       f"weight_loss_on must be 'kernels' or 'all', got {c.weight_loss_on!r}")
   need(0 <= c.ema_decay < 1, f'ema_decay must be in [0, 1), got {c.ema_decay}')
   need(c.get('progress', 'auto') in ('auto', 'bar', 'lines'),
        f"progress must be 'auto', 'bar' or 'lines', got {c.get('progress')!r}")

@@ -9,7 +9,6 @@ import signal
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from cnnjax import (checkpoint, config as config_lib, data, kernels, models, optim, parallel,
@@ -93,7 +92,7 @@ class Trainer:
     augment_cfg = config.augment.lock()
     self.train_step = jax.jit(
         functools.partial(train.train_step, augment_cfg=augment_cfg, coefficients=coefficients,
-                          ema_decay=config.ema_decay),
+                          weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay),
         out_shardings=(self.replicated, self.replicated))
     self.eval_step = jax.jit(functools.partial(train.eval_step, augment_cfg=augment_cfg),
                              out_shardings=self.replicated)
@@ -145,7 +144,12 @@ def load_saved_config(workdir):
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Onto today's defaults, so a workdir written before a field existed still loads.
+  config = config_lib.base_config()
+  with config.unlocked():
+    config.update(saved)
+  return config
 
 
 def check_resumable(config, workdir):

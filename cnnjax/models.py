@@ -162,15 +162,40 @@ VGG16_CIFAR_GROUPS = ((64, (0.3, 0.0)), (128, (0.4, 0.0)), (256, (0.4, 0.4, 0.0)
                       (512, (0.4, 0.4, 0.0)), (512, (0.4, 0.4, 0.0)))
 
 
+# PaddlePaddle v2's default initialisers (trainer_config_helpers): img_conv_layer draws
+# its kernel from N(0, sqrt(2 / (k * k * C_in))) (He normal, not truncated); every other
+# weight from N(0, 1 / sqrt(fan_in)) ('initial_smart'); biases are 0, batch-norm scale 1.
+PADDLE_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+PADDLE_FC_INIT = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+
+
+class PaddleDropout(nn.Module):
+  """PaddlePaddle v2's dropout (Layer::forwardDropOut): in training, zero each unit
+  with probability `rate` WITHOUT rescaling the rest; at test, multiply by 1 - rate.
+
+  Flax's nn.Dropout instead divides by 1 - rate in training. Where an unnormalised
+  linear layer follows (the 0.5 dropout before VGG's fc2), that doubles its input.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, train):
+    if not train:
+      return x * (1.0 - self.rate)
+    keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.rate, x.shape)
+    return jnp.where(keep, x, jnp.zeros_like(x))
+
+
 class Vgg16Cifar(nn.Module):
   """Recipe F, CIFAR version (seed 004, PaddlePaddle): VGG-16 with batch norm and dropout.
 
   Each 3x3 conv is followed by batch norm + ReLU and dropout at the seed's rate,
   each group by a 2x2/2 max pool; then dropout 0.5 -> fc 512 (linear) -> BN + ReLU
-  -> dropout 0.5 -> fc 512 (linear) -> fc to the classes. Batch norm as Paddle's:
-  moving-average momentum 0.9, epsilon 1e-5, two-pass variance; under data
-  parallelism its batch statistics are those of the global batch. Convs feed batch
-  norm, so no bias.
+  -> dropout 0.5 -> fc 512 (linear) -> fc to the classes. Paddle's semantics
+  throughout: its initialisers and dropout (above); batch norm with moving-average
+  momentum 0.9 and epsilon 1e-5, two-pass variance; under data parallelism its batch
+  statistics are those of the global batch. The convs feed batch norm, so no bias
+  (Paddle's conv bias gets a zero gradient there and stays at its initial 0).
   """
   num_classes: int = 10
 
@@ -180,20 +205,22 @@ class Vgg16Cifar(nn.Module):
     # enough to make 1 and 8 devices (different summation orders) differ by 0.3%.
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, use_fast_variance=False)
+    dense = functools.partial(nn.Dense, kernel_init=PADDLE_FC_INIT)
     for g, (width, drops) in enumerate(VGG16_CIFAR_GROUPS, start=1):
       for i, rate in enumerate(drops, start=1):
-        x = Conv(width, (3, 3), use_bias=False, name=f'conv{g}_{i}')(x)
+        x = Conv(width, (3, 3), use_bias=False, kernel_init=PADDLE_CONV_INIT,
+                 name=f'conv{g}_{i}')(x)
         x = nn.relu(norm(name=f'bn{g}_{i}')(x))
         if rate:
-          x = nn.Dropout(rate, deterministic=not train)(x)
+          x = PaddleDropout(rate)(x, train)
       x = ops.max_pool(x, 2, 2, 'SAME')
     x = x.reshape(x.shape[0], -1)
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.Dense(512, name='fc1')(x)
+    x = PaddleDropout(0.5)(x, train)
+    x = dense(512, name='fc1')(x)
     x = nn.relu(norm(name='bn_fc1')(x))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.Dense(512, name='fc2')(x)
-    return nn.Dense(self.num_classes, name='logits')(x)
+    x = PaddleDropout(0.5)(x, train)
+    x = dense(512, name='fc2')(x)
+    return dense(self.num_classes, name='logits')(x)
 
 
 @register('cifar_vgg16')

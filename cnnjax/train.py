@@ -36,16 +36,26 @@ def create_train_state(key, model, tx, input_shape, ema=False):
                            ema_params=params if ema else None)
 
 
-def weight_loss(params, coefficients):
-  """Sum over layers of wl * tf.nn.l2_loss(kernel): TF's 'losses' collection.
+WEIGHT_LOSS_ON = ('kernels', 'all')
+
+
+def weight_loss(params, coefficients, on='kernels'):
+  """Sum over layers of wl * tf.nn.l2_loss(p): TF's 'losses' collection.
 
   `coefficients` is ((layer_name, wl), ...); the name '*' sets the wl of every
-  layer not named. Biases and batch-norm parameters carry no weight loss.
+  layer not named. on='kernels': only kernels carry it (the TF seeds); on='all':
+  every parameter of the layer, biases and batch-norm scale and offset too, whose
+  gradient wl * p is PaddlePaddle's L2Regularization decay.
   """
   wl_of = dict(coefficients)
   default = wl_of.pop('*', 0.0)
-  terms = [wl_of.get(name, default) * ops.l2_loss(layer['kernel'])
-           for name, layer in params.items() if 'kernel' in layer and wl_of.get(name, default)]
+  terms = []
+  for name, layer in params.items():
+    wl = wl_of.get(name, default)
+    if not wl:
+      continue
+    decayed = layer.values() if on == 'all' else [layer['kernel']] if 'kernel' in layer else []
+    terms += [wl * ops.l2_loss(p) for p in decayed]
   return sum(terms, jnp.float32(0))
 
 
@@ -61,7 +71,7 @@ def _variables(state, params):
   return variables
 
 
-def loss_fn(params, state, images, labels, coefficients, dropout_key):
+def loss_fn(params, state, images, labels, coefficients, weight_loss_on, dropout_key):
   """Mean cross-entropy + weight losses, as the seeds' tf.add_n(losses).
 
   Returns (loss, (cross_entropy, logits, new batch-norm statistics or None)).
@@ -75,7 +85,7 @@ def loss_fn(params, state, images, labels, coefficients, dropout_key):
                                      mutable=['batch_stats'])
     batch_stats = updates['batch_stats']
   ce = jnp.mean(cross_entropy(logits, labels))
-  return ce + weight_loss(params, coefficients), (ce, logits, batch_stats)
+  return ce + weight_loss(params, coefficients, weight_loss_on), (ce, logits, batch_stats)
 
 
 def ema_update(ema_params, params, step, decay):
@@ -86,14 +96,14 @@ def ema_update(ema_params, params, step, decay):
 
 
 def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, coefficients,
-               ema_decay=0.0):
+               weight_loss_on='kernels', ema_decay=0.0):
   """One optimizer step on a uint8 batch; augmentation and dropout keyed by (rng, step)."""
   key = jax.random.fold_in(state.rng, state.step)
   images = augment.preprocess(key, batch['image'], augment_cfg, train=True)
   dropout_key = jax.random.fold_in(key, 1)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (ce, logits, batch_stats)), grads = grad_fn(
-      state.params, state, images, batch['label'], coefficients, dropout_key)
+      state.params, state, images, batch['label'], coefficients, weight_loss_on, dropout_key)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if state.ema_params is not None:
     new_state = new_state.replace(ema_params=ema_update(

@@ -18,6 +18,7 @@ def get_config():
   c.eval_every = 3906
   c.checkpoint_every = 1000
   c.weight_loss = {'*': 0.0002}
+  c.weight_loss_on = 'all'  # Paddle's L2Regularization decays every parameter
   c.optimizer = 'momentum'
   c.momentum = 0.9
   c.learning_rate = 0.1

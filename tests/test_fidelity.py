@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cnnjax import augment, models, optim, train
+from cnnjax import augment, loop, models, optim, train
 from configs import cifar_cookbook, cifar_lrn, cifar_tutorial
+from tests.conftest import recipe_config
 
 
 # --- schedules ------------------------------------------------------------------------
@@ -63,24 +64,25 @@ def tf_lrn_net(tf, p, x, lrn, norm2_before_pool2):
   return tf.matmul(h, p['logits']['kernel']) + p['logits']['bias']
 
 
-@pytest.mark.parametrize('model_name,lrn,norm2_before_pool2,weight_loss', [
-    ('cifar_lrn', dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75), True,
-     dict(local3=0.004, local4=0.004, logits=0.004)),
-    ('cifar_cookbook', dict(depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75), False, {}),
-])
-def test_network_logits_and_gradients_match_tf(tf, cpu_kernels, model_name, lrn,
-                                               norm2_before_pool2, weight_loss):
-  model = models.create(model_name, 10)
+@pytest.mark.parametrize('recipe', ['cifar_lrn', 'cifar_cookbook'])
+def test_network_logits_and_gradients_match_tf(tf, cpu_kernels, recipe):
+  """The recipe's network and loss (its config's weight losses, its model's LRN constants
+  and layer order) against the same network written with tf.nn ops."""
+  config = recipe_config(recipe)
+  model = models.create(config.model, 10)
+  lrn, norm2_before_pool2 = model.lrn, model.norm2_before_pool2
   import optax
   state = train.create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (24, 24, 3))
   rng = np.random.default_rng(0)
   images = rng.normal(size=(16, 24, 24, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 16).astype(np.int32)
-  terms = tuple(sorted(weight_loss.items()))
+  terms = loop.weight_loss_terms(config, state.params)
+  weight_loss = {name: wl for name, wl in terms if wl}
+  assert recipe != 'cifar_lrn' or weight_loss  # the L2 terms are under test there
 
   (loss, (_, logits, _)), grads = jax.value_and_grad(train.loss_fn, has_aux=True)(
       state.params, state, jnp.asarray(images), jnp.asarray(labels), terms,
-      jax.random.PRNGKey(1))
+      config.weight_loss_on, jax.random.PRNGKey(1))
 
   tf_params = jax.tree.map(lambda a: tf.Variable(np.asarray(a)), state.params)
   with tf.GradientTape() as tape:

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import config as config_lib, models, train
+from cnnjax import augment, config as config_lib, loop, models, train
+from tests.conftest import recipe_config
 
 RECIPES = {  # config -> (model, parameter count, input shape)
     'cifar_lrn': ('cifar_lrn', 1_068_298, (24, 24, 3)),
@@ -89,9 +90,17 @@ def test_mnist_dropout_only_in_training_with_its_own_stream():
   a, b = apply(True, jax.random.PRNGKey(0)), apply(True, jax.random.PRNGKey(1))
   assert not np.allclose(a, b)
   np.testing.assert_array_equal(a, apply(True, jax.random.PRNGKey(0)))
-  # The train step's dropout stream differs from its augmentation stream.
-  key = jax.random.fold_in(state.rng, 0)
-  assert not np.array_equal(np.asarray(jax.random.fold_in(key, 1)), np.asarray(key))
+  # The train step draws its dropout from fold_in(step key, 1), not from the step key
+  # that drives the augmentation: its loss is the loss under exactly that key.
+  config = get_config('mnist_cnn')
+  batch = uint8_batch(8, (28, 28, 1))
+  _, metrics = train.train_step(state, batch, augment_cfg=config.augment, coefficients=())
+  key = jax.random.fold_in(state.rng, state.step)
+  images = augment.preprocess(key, batch['image'], config.augment, train=True)
+  loss = lambda dropout_key: train.loss_fn(state.params, state, images, batch['label'], (),
+                                           'kernels', dropout_key)[0]
+  assert metrics['loss'] == loss(jax.random.fold_in(key, 1))
+  assert metrics['loss'] != loss(key)
 
 
 def test_vgg_batch_norm_statistics_train_vs_eval():
@@ -112,5 +121,102 @@ def test_vgg_batch_norm_statistics_train_vs_eval():
 
 
 def augment_eval(config, images):
-  from cnnjax import augment
   return augment.preprocess(None, images, config.augment, train=False)
+
+
+def test_vgg_initialisers_are_paddles():
+  """img_conv_layer: N(0, sqrt(2 / (k * k * C_in))); other weights ('initial_smart'):
+  N(0, 1 / sqrt(fan_in)); both plain Gaussians, not truncated. Biases 0, BN scale 1."""
+  config = get_config('cifar_vgg16')
+  params = models.create(config.model, 10).init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 32, 32, 3)))['params']
+  for name, layer in params.items():
+    if 'kernel' not in layer:  # batch norm
+      np.testing.assert_array_equal(layer['scale'], 1.0)
+      np.testing.assert_array_equal(layer['bias'], 0.0)
+      continue
+    w = np.asarray(layer['kernel'], np.float64)
+    if w.ndim == 4:
+      k, _, c_in, _ = w.shape
+      std = (2.0 / (k ** 2 * c_in)) ** 0.5
+    else:
+      std = 1 / w.shape[0] ** 0.5
+      np.testing.assert_array_equal(layer['bias'], 0.0)
+    assert abs(w.mean()) < 4 * std / w.size ** 0.5, name
+    assert w.std() == pytest.approx(std, rel=4 / (2 * w.size) ** 0.5 + 1e-3), name
+    # Untruncated: 4.55% of a Gaussian lies beyond 2 sigma (none would, truncated).
+    beyond = np.mean(np.abs(w) > 2 * std)
+    assert abs(beyond - 0.0455) < 4 * (0.0455 / w.size) ** 0.5, name
+
+
+@pytest.mark.parametrize('rate', [0.3, 0.4, 0.5])
+def test_paddle_dropout_masks_unscaled_in_training_and_scales_at_test(rate):
+  x = 1 + jax.random.uniform(jax.random.PRNGKey(0), (200, 500))
+  dropout = models.PaddleDropout(rate)
+  y = np.asarray(dropout.apply({}, x, True, rngs={'dropout': jax.random.PRNGKey(1)}))
+  kept = y != 0
+  np.testing.assert_array_equal(y[kept], np.asarray(x)[kept])  # no 1 / (1 - rate)
+  assert abs(kept.mean() - (1 - rate)) < 4 * (rate * (1 - rate) / x.size) ** 0.5
+  np.testing.assert_array_equal(dropout.apply({}, x, False), x * np.float32(1 - rate))
+
+
+def test_vgg_weight_loss_decays_every_parameter_as_paddles_l2():
+  """Paddle's L2Regularization adds rate * p to every parameter's gradient: biases and
+  batch-norm scale and offset too, not only kernels."""
+  config = get_config('cifar_vgg16')
+  params = tiny_state('cifar_vgg16', (32, 32, 3)).params
+  terms = loop.weight_loss_terms(config, params)
+  grads = jax.grad(train.weight_loss)(params, terms, config.weight_loss_on)
+  wl = config.weight_loss['*']
+  jax.tree.map(lambda g, p: np.testing.assert_allclose(g, wl * p, rtol=1e-6), grads, params)
+  assert np.all(np.asarray(grads['bn1_1']['scale']) == np.float32(wl))  # scale starts at 1
+  kernels_only = jax.grad(train.weight_loss)(params, terms, 'kernels')
+  assert np.all(np.asarray(kernels_only['bn1_1']['scale']) == 0)
+
+
+
+TRAINED_RECIPES = ('cifar_lrn', 'cifar_cookbook', 'cifar_tutorial', 'mnist_cnn', 'cifar_deep',
+                   'cifar_vgg16')
+
+
+@pytest.mark.parametrize('name', TRAINED_RECIPES)
+def test_each_recipe_config_trains_real_steps_and_evaluates(name):
+  """configs/<name>.py through the trainer's own jitted train step on real data: its
+  augmentation, weight losses, optimizer, schedule, EMA and batch-norm state."""
+  config = recipe_config(name, train_split='train[:64]', eval_split='test[:20]', batch_size=16,
+                         eval_batch_size=16)
+  trainer = loop.Trainer(config)
+  before = jax.tree.map(np.array, trainer.state)
+  state = trainer.state
+  for step in range(3):
+    state, metrics = trainer.train_step(state, trainer.train_batch(step))
+    assert np.isfinite(metrics['loss']) and metrics['loss'] >= metrics['cross_entropy']
+  assert int(state.step) == 3
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before.params, state.params)
+  assert all(jax.tree.leaves(changed)), changed
+  assert (state.ema_params is not None) == (config.ema_decay > 0)
+  if state.ema_params is not None:  # the average moved, and trails the parameters
+    assert not np.array_equal(state.ema_params['local3']['kernel'], before.params['local3']['kernel'])
+    assert not np.array_equal(state.ema_params['local3']['kernel'], state.params['local3']['kernel'])
+  if state.batch_stats is not None:
+    assert not np.array_equal(state.batch_stats['bn1_1']['mean'], before.batch_stats['bn1_1']['mean'])
+  result = trainer.evaluate(state)
+  assert result['count'] == 20 and 0 <= result['correct'] <= 20
+
+
+def test_vgg_recipe_learns_one_batch_at_paddles_per_example_rates():
+  """Recipe F's loss falls. Paddle's rates are per example (lr 0.1 / 128 and L2 0.0002 *
+  128 on the summed cost), so at batch 32 they are lr * 32 / 128 and wl * 128 / 32 on
+  the mean cost; 32 images seen 30 times."""
+  config = get_config('cifar_vgg16')
+  scale = 32 / config.batch_size
+  trainer = loop.Trainer(recipe_config(
+      'cifar_vgg16', train_split='train[:32]', eval_split='test[:16]', batch_size=32,
+      learning_rate=config.learning_rate * scale,
+      weight_loss={'*': config.weight_loss['*'] / scale}))
+  state, losses = trainer.state, []
+  for step in range(30):
+    state, metrics = trainer.train_step(state, trainer.train_batch(step))
+    losses.append(float(metrics['cross_entropy']))
+  assert losses[0] == pytest.approx(np.log(10), abs=0.3)
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses

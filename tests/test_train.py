@@ -36,7 +36,7 @@ def test_loss_is_cross_entropy_plus_hand_computed_weight_losses(trainer):
   images = jnp.asarray(rng.normal(size=(8, 24, 24, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
   terms = loop.weight_loss_terms(trainer.config, params)
-  loss, (ce, _, _) = train.loss_fn(params, trainer.state, images, labels, terms,
+  loss, (ce, _, _) = train.loss_fn(params, trainer.state, images, labels, terms, 'kernels',
                                    jax.random.PRNGKey(0))
 
   logits = np.asarray(trainer.state.apply_fn({'params': params}, images), np.float64)

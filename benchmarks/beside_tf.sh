@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One recipe trained by cnnjax and by its TF reference (benchmarks/tf_reference.py) for
+# the same number of steps, one after the other, each timed by /usr/bin/time (issue 11;
+# results: docs/RESULTS.md, "Every recipe beside its TensorFlow reference").
+# cnnjax checkpoints into runs/<recipe>_<steps>_s<seed>: re-running resumes it, so a long
+# run can be stopped with SIGTERM and continued by running the same command again.
+# Logs: runs/logs/<recipe>_<steps>_s<seed>.{cnnjax,tf}.log
+# Usage: bash benchmarks/beside_tf.sh RECIPE STEPS [SEED] [cnnjax|tf|both]
+set -eu
+recipe=$1 steps=$2 seed=${3:-0} which=${4:-both}
+PY=${PY:-.venv/bin/python}
+export TFDS_DATA_DIR=${TFDS_DATA_DIR:-../shared/tensorflow_datasets}
+name=${recipe}_${steps}_s${seed}
+mkdir -p runs/logs
+if [ "$which" != tf ]; then
+  /usr/bin/time -f 'wall %e s' $PY run.py --config configs/$recipe.py --workdir runs/$name \
+      --config.num_train_steps=$steps --config.seed=$seed --config.progress=lines \
+      >> runs/logs/$name.cnnjax.log 2>&1
+fi
+if [ "$which" != cnnjax ]; then
+  /usr/bin/time -f 'wall %e s' $PY benchmarks/tf_reference.py --config configs/$recipe.py \
+      --steps $steps --seed $seed > runs/logs/$name.tf.log 2>&1
+fi
