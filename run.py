@@ -39,8 +39,17 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 
 
+_JOINED = False  # whether this process joined a multi-process run
+
+
 def fail(message):
   print(f'error: {message}', file=sys.stderr, flush=True)
+  if _JOINED:
+    # Not sys.exit: its jax.distributed shutdown barrier would wait for processes that
+    # are themselves waiting for this one in a collective. Leaving at once stops this
+    # process's heartbeats, and the coordination service then ends the others.
+    sys.stdout.flush()
+    os._exit(2)
   sys.exit(2)
 
 
@@ -83,18 +92,29 @@ def load_config():
     fail(f'cannot load config file {flags.FLAGS["config"].config_filename!r}: {reason}')
 
 
+# A process silent this long is taken as dead and the coordination service ends the run
+# on every process (JAX's default is 100 s): a failed process never leaves the others
+# waiting in a collective for long.
+HEARTBEAT_TIMEOUT_S = 20
+
+
 def init_distributed():
   """Connects the processes of a multi-host run, before any device is touched."""
+  global _JOINED
   import jax
   if _COORDINATOR.value:
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
       fail('--coordinator_address needs --num_processes and --process_id')
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
   elif _DISTRIBUTED.value:
     try:
-      jax.distributed.initialize()
+      jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except (ValueError, RuntimeError) as e:
       fail(f'--distributed: {_first_line(e)}')
+  else:
+    return
+  _JOINED = jax.process_count() > 1
 
 
 def main(argv):

@@ -25,7 +25,8 @@ def log(message):
 def prepare_workdir(workdir):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write-test')
+    # A probe of this process's own: processes sharing the workdir start at the same instant.
+    probe = os.path.join(workdir, f'.write-test-{jax.process_index()}-{os.getpid()}')
     with open(probe, 'w'):
       pass
     os.remove(probe)
@@ -193,7 +194,11 @@ class StopSignals:
 
 
 def train_and_evaluate(config, workdir):
-  """Trains config's recipe in workdir, resuming from its latest good checkpoint."""
+  """Trains config's recipe in workdir, resuming from its latest good checkpoint.
+
+  Returns the last evaluation's result with `step`, `stopped` (the signal) where a
+  signal stopped it, and the final TrainState this process holds under `state`.
+  """
   prepare_workdir(workdir)
   check_resumable(config, workdir)
   trainer = Trainer(config)
@@ -207,7 +212,7 @@ def train_and_evaluate(config, workdir):
     reporter = Reporter(workdir, start or 0, config.num_train_steps, config.progress)
     try:
       with StopSignals() as stop:
-        result = _loop(trainer, ckpt, stop, reporter)
+        result = dict(_loop(trainer, ckpt, stop, reporter), state=trainer.state)
     finally:
       reporter.close()
   finally:
@@ -245,6 +250,7 @@ def _loop(trainer, ckpt, stop, reporter):
   start = int(state.step)
   last_time, last_step = time.perf_counter(), start
   pending = None  # the previous step's metrics: checked one step late, so the device never idles
+  any_process = parallel.AnyProcess(trainer.mesh)
   for step in range(start, config.num_train_steps):
     state, metrics = trainer.train_step(state, trainer.train_batch(step))
     reporter.advance()
@@ -257,20 +263,24 @@ def _loop(trainer, ckpt, stop, reporter):
       now = time.perf_counter()
       sec_per_batch = (now - last_time) / (done - last_step)
       reporter.train(step, loss, float(trainer.learning_rate(step)),
-                     config.batch_size / sec_per_batch, sec_per_batch)
+                     config.batch_size / sec_per_batch, sec_per_batch,
+                     float(metrics['cross_entropy']))
       last_time, last_step = now, done
     if config.eval_every and done % config.eval_every == 0 and done != config.num_train_steps:
       trainer.state = state
       _report_eval(trainer, done, reporter)
       last_time, last_step = time.perf_counter(), done  # keep eval out of examples/sec
-    if (config.checkpoint_every and done % config.checkpoint_every == 0) or stop.received:
+    # Every process stops at the same step, whichever of them got the signal.
+    stopping = any_process(stop.received is not None)
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or stopping:
       _finite_loss(metrics, step)  # never checkpoint a diverged state
       ckpt.save(done, state)
-    if stop.received:
+    if stopping:
       ckpt.wait()
-      reporter.message(f'stopped by {stop.received} after step {done}; checkpoint written')
+      received = stop.received or 'a signal to another process'
+      reporter.message(f'stopped by {received} after step {done}; checkpoint written')
       trainer.state = state
-      return {'step': done, 'stopped': stop.received}
+      return {'step': done, 'stopped': received}
   if pending is not None:
     _finite_loss(*pending)
   trainer.state = state

@@ -94,7 +94,8 @@ class Reporter:
     if self.bar is not None:
       self.bar.update(steps)
 
-  def train(self, step, loss, learning_rate, examples_per_sec, sec_per_batch):
+  def train(self, step, loss, learning_rate, examples_per_sec, sec_per_batch,
+            cross_entropy=None):
     if not self.enabled:
       return
     if self.bar is not None:
@@ -102,8 +103,11 @@ class Reporter:
                            refresh=False)
     else:
       self.message(LOG_FORMAT % (step, loss, examples_per_sec, sec_per_batch))
-    self._record(dict(kind='train', step=step, loss=loss, learning_rate=learning_rate,
-                      examples_per_sec=examples_per_sec, sec_per_batch=sec_per_batch))
+    record = dict(kind='train', step=step, loss=loss, learning_rate=learning_rate,
+                  examples_per_sec=examples_per_sec, sec_per_batch=sec_per_batch)
+    if cross_entropy is not None:  # the loss without its weight losses
+      record['cross_entropy'] = cross_entropy
+    self._record(record)
 
   def eval(self, step, result):
     if not self.enabled:

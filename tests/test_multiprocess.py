@@ -1,13 +1,18 @@
 """Two local processes joined by jax.distributed on 127.0.0.1, against one process."""
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 
-from tests.conftest import ROOT
+from cnnjax import checkpoint, loop, parallel
+from tests.conftest import ROOT, as_flags, small_config
 
 OVERRIDES = ['train_split=train[:256]', 'eval_split=test[:101]', 'batch_size=32',
              'eval_batch_size=16', 'log_every=1', 'eval_every=0', 'checkpoint_every=2',
@@ -48,8 +53,115 @@ def test_two_processes_train_like_one(tmp_path):
   leaves = [k for k in one.files if k.startswith('arr_')]
   assert len(leaves) == 10
   for k in leaves:
-    np.testing.assert_array_equal(two_0[k], two_1[k])  # identical on both processes
+    np.testing.assert_array_equal(two_0[k], two_1[k])  # each process computed the same
     np.testing.assert_allclose(two_0[k], one[k], rtol=1e-5, atol=1e-6)  # and as one process
   # Sharded evaluation across processes counts each of the 101 examples once.
   assert int(two_0['count']) == int(one['count']) == 101
   assert float(two_0['precision']) == float(one['precision'])
+
+
+# Through run.py and the README's flags: two processes, one CPU device each.
+RUN = dict(train_split='train[:512]', eval_split='test[:64]', batch_size=32, eval_batch_size=32,
+           log_every=1, eval_every=0, checkpoint_every=1000, num_train_steps=30, optimizer='sgd',
+           learning_rate=0.05, input_shards=2, progress='lines')
+
+
+def run_py(process_id, port, workdir, log, *extra):
+  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+  env.pop('XLA_FLAGS', None)
+  return subprocess.Popen(
+      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir', str(workdir),
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+       f'--process_id={process_id}', *as_flags(RUN), *extra],
+      cwd=ROOT, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT, text=True)
+
+
+def run_pair(tmp_path, name, workdir, extra=((), ())):
+  port = free_port()
+  logs = [tmp_path / f'{name}_{i}.log' for i in range(2)]
+  return [run_py(i, port, workdir, logs[i], *extra[i]) for i in range(2)], logs
+
+
+def wait_all(procs, deadline_s):
+  end = time.monotonic() + deadline_s
+  for p in procs:
+    try:
+      p.wait(timeout=max(end - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise AssertionError(f'still running after {deadline_s} s: a hang') from None
+  return [p.returncode for p in procs]
+
+
+def saved_params(workdir, step):
+  """The params of the checkpoint at `step` in workdir, read back in this process."""
+  config = small_config(**RUN)
+  _, _, like = loop.initial_state(config, 10, 512, (32, 32, 3),
+                                  parallel.replicated(parallel.make_mesh()))
+  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
+  try:
+    assert ckpt.steps() == [step] or step in ckpt.steps()
+    return jax.tree.map(np.asarray, ckpt.restore(step, like).params)
+  finally:
+    ckpt.close()
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  procs, logs = run_pair(tmp_path, 'stopped', tmp_path / 'run')
+  end = time.monotonic() + 300
+  while 'step 5,' not in logs[0].read_text():  # SIGTERM mid-run, to process 1 only
+    assert time.monotonic() < end and procs[0].poll() is None, logs[0].read_text()[-2000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  assert wait_all(procs, 120) == [0, 0], logs[0].read_text()[-2000:]
+  stopped = re.search(r'stopped by a signal to another process after step (\d+); checkpoint '
+                      r'written', logs[0].read_text())
+  assert stopped, logs[0].read_text()[-2000:]
+  step = int(stopped.group(1))
+  assert 5 < step < RUN['num_train_steps']
+  ckpt = checkpoint.Checkpoints(str(tmp_path / 'run'), 3, read_only=True)
+  assert ckpt.steps() == [step]  # one checkpoint, at the step both processes agreed on
+  ckpt.close()
+  # Resumed by the same command, the run ends where an uninterrupted one does, exactly.
+  resumed, logs = run_pair(tmp_path, 'resumed', tmp_path / 'run')
+  whole, whole_logs = run_pair(tmp_path, 'whole', tmp_path / 'whole')
+  assert wait_all(resumed + whole, 300) == [0, 0, 0, 0], logs[0].read_text()[-2000:]
+  assert f'resumed from the checkpoint at step {step}' in logs[0].read_text()
+  end_step = RUN['num_train_steps']
+  jax.tree.map(np.testing.assert_array_equal, saved_params(tmp_path / 'run', end_step),
+               saved_params(tmp_path / 'whole', end_step))
+
+
+def test_bad_input_on_one_process_ends_both_within_60_s(tmp_path):
+  for bad in (0, 1):
+    extra = [(), ()]
+    extra[bad] = ('--config.batch_size=0',)  # valid flags, rejected after the processes join
+    start = time.monotonic()
+    procs, logs = run_pair(tmp_path, f'bad{bad}', tmp_path / f'run{bad}', extra)
+    codes = wait_all(procs, 60)
+    assert all(code != 0 for code in codes), codes
+    assert 'error: bad config: batch_size must be positive, got 0' in logs[bad].read_text()
+    assert time.monotonic() - start < 60
+
+
+PREPARE = """import sys, time
+from cnnjax import loop
+while time.time() < float(sys.argv[3]):  # both start at the same instant
+  pass
+for i in range(int(sys.argv[2])):
+  loop.prepare_workdir(f'{sys.argv[1]}/run{i}')
+"""
+
+
+def test_processes_starting_together_prepare_one_workdir(tmp_path):
+  """Two processes preparing the same fresh workdirs at once, 200 times in a row."""
+  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+  start = str(time.time() + 20)  # after both have imported cnnjax
+  procs = [subprocess.Popen([sys.executable, '-c', PREPARE, str(tmp_path), '200', start],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+  assert not [f for f in tmp_path.rglob('.write-test*')]
