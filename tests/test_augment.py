@@ -1,7 +1,6 @@
 """Augmentation: TF equality where TF is deterministic, behaviour where it is random."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -92,9 +91,25 @@ def test_eval_preprocess_is_the_deterministic_central_crop(tf):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_central_train_crop_and_unit_scale():
-  cfg = ml_collections.ConfigDict(dict(crop_size=0, train_crop='central', flip=False,
-                                       brightness=0.0, contrast=(), scale='unit'))
+def test_recipe_b_trains_on_the_central_crop(tf):
+  """Recipe B's training crop is resize_image_with_crop_or_pad (seed 002), not random:
+  its config's train-mode preprocessing, with the random colour ops switched off, is
+  TF's central crop + standardization of every image."""
+  from tests.conftest import recipe_config
+  cfg = recipe_config('cifar_cookbook').augment
+  assert cfg.train_crop == 'central' and cfg.crop_size
+  with cfg.unlocked():
+    cfg.update(dict(flip=False, brightness=0.0, contrast=()))
+  x = images()
+  out = augment.preprocess(jax.random.PRNGKey(0), jnp.asarray(x), cfg, train=True)
+  expected = tf.image.per_image_standardization(tf.image.resize_with_crop_or_pad(
+      tf.cast(x, tf.float32), cfg.crop_size, cfg.crop_size)).numpy()
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unit_scale_without_crop_is_pixels_over_255():
+  from tests.conftest import recipe_config
+  cfg = recipe_config('mnist_cnn').augment
   x = images(size=28)
   out = augment.preprocess(jax.random.PRNGKey(0), jnp.asarray(x), cfg, train=True)
   np.testing.assert_allclose(out, x / 255.0, rtol=1e-6)

@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -54,6 +55,8 @@ def test_resume_is_bit_exact(tmp_path, reference):
 
 def test_eval_mode_restores_and_evaluates_without_training(tmp_path):
   trained = loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
+  final_state = trained.pop('state')
+  assert int(final_state.step) == 8
   evaluated = loop.evaluate_checkpoint(tiny(), str(tmp_path))
   assert evaluated == trained
   at_4 = loop.evaluate_checkpoint(tiny(), str(tmp_path), step=4)
@@ -78,15 +81,19 @@ def test_incompatible_config_is_refused_harmless_changes_are_not(tmp_path):
 
 
 def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
+  loop.train_and_evaluate(tiny(num_train_steps=2, checkpoint_every=1, optimizer='sgd'), str(tmp_path))
+  # Resumed at a rate that diverges at once, checkpointing every step.
   config = tiny(num_train_steps=50, optimizer='sgd', learning_rate=1e9, checkpoint_every=1)
   with pytest.raises(UserError, match=r'loss is (nan|inf) at step \d+; stopped without'):
     loop.train_and_evaluate(config, str(tmp_path))
   ckpt = checkpoint.Checkpoints(str(tmp_path), 3, read_only=True)
   steps = ckpt.steps()
   ckpt.close()
-  if steps:  # whatever was saved before the divergence is finite
-    state = saved_state(tmp_path, steps[-1], config)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  assert steps[-1] == 2 or all(  # nothing after the divergence, and what was saved is finite
+      np.isfinite(np.asarray(x)).all()
+      for x in jax.tree.leaves(saved_state(tmp_path, steps[-1], config).params))
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree.leaves(saved_state(tmp_path, 2, config).params))
 
 
 def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, reference):
@@ -117,33 +124,53 @@ def start(workdir, *args):
        *TINY_FLAGS, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_line(proc, pattern):
-  for line in proc.stdout:
-    if re.match(pattern, line):
-      return line
-  raise AssertionError(f'process ended before a line matching {pattern!r}: {proc.stderr.read()}')
+def wait_for_line(proc, pattern, timeout=300):
+  """The first stdout line matching `pattern`; the process is killed after `timeout` s."""
+  timer = threading.Timer(timeout, proc.kill)
+  timer.start()
+  try:
+    for line in proc.stdout:
+      if re.match(pattern, line):
+        return line
+  finally:
+    timer.cancel()
+  raise AssertionError(f'no line matching {pattern!r} (ended, or killed after {timeout} s): '
+                       f'{proc.stderr.read()[-2000:]}')
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_checkpoints_and_exits_0(tmp_path, sig):
-  proc = start(tmp_path, '--config.num_train_steps=100000', '--config.checkpoint_every=0')
+  proc = start(tmp_path / 'run', '--config.num_train_steps=100000', '--config.checkpoint_every=0')
   wait_for_line(proc, r'step 3, loss')
   proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   stopped = re.search(rf'stopped by {sig.name} after step (\d+); checkpoint written', out)
   assert stopped, out
-  assert os.listdir(tmp_path / 'checkpoints') == [stopped.group(1)]
+  step = int(stopped.group(1))
+  assert os.listdir(tmp_path / 'run' / 'checkpoints') == [str(step)]
+  # The same command resumes from that checkpoint and ends as an uninterrupted run.
+  end = f'--config.num_train_steps={step + 2}'
+  resumed = start(tmp_path / 'run', end, '--config.checkpoint_every=0')
+  whole = start(tmp_path / 'whole', end, '--config.checkpoint_every=0')
+  outputs = [proc.communicate(timeout=300) for proc in (resumed, whole)]
+  assert [proc.returncode for proc in (resumed, whole)] == [0, 0], outputs
+  assert f'resumed from the checkpoint at step {step}' in outputs[0][0]
+  assert_same_state(saved_state(tmp_path / 'run', step + 2),
+                    saved_state(tmp_path / 'whole', step + 2))
 
 
 def test_kill_9_at_any_moment_never_breaks_the_next_run(tmp_path, reference):
   # Checkpoint every step, so most kills land during an asynchronous save.
+  interrupted_saves = 0
   for after_step, delay in ((1, 0.0), (3, 0.05), (5, 0.15)):
     proc = start(tmp_path, '--config.num_train_steps=8', '--config.checkpoint_every=1')
     wait_for_line(proc, rf'step {after_step}, loss')
     time.sleep(delay)
     proc.kill()
     proc.communicate()
+    interrupted_saves += any('tmp' in p.name for p in (tmp_path / 'checkpoints').iterdir())
+  assert interrupted_saves  # at least one kill landed during a save
   finish = start(tmp_path, '--config.num_train_steps=8', '--config.checkpoint_every=1')
   out, err = finish.communicate(timeout=300)
   assert finish.returncode == 0, err

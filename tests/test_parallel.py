@@ -52,9 +52,14 @@ def test_eight_devices_train_like_one(runs):
   assert r1.returncode == 0 and r8.returncode == 0, r1.stderr + r8.stderr
   assert re.search(r'^devices: 1 x ', r1.stdout, re.M)
   assert re.search(r'^devices: 8 x ', r8.stdout, re.M)
-  # The console reports examples/sec for the whole global batch of 32 on both.
   assert re.findall(r'^step (\d), loss = (\S+)', r1.stdout, re.M) == \
       re.findall(r'^step (\d), loss = (\S+)', r8.stdout, re.M)
+  # The console reports examples/sec for the whole global batch of 32 on both.
+  for out in (r1.stdout, r8.stdout):
+    rates = re.findall(r'^step \d, loss = \S+ \((\S+) examples/sec; (\S+) sec/batch\)', out, re.M)
+    assert len(rates) == 4
+    for examples_per_sec, sec_per_batch in rates:
+      assert float(examples_per_sec) == pytest.approx(32 / float(sec_per_batch), rel=0.05)
   # Saved on 8 devices, restored on 1.
   a, b = restore(one, 4), restore(eight, 4)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):

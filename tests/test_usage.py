@@ -157,6 +157,12 @@ def test_predict_converts_grayscale_and_resizes(trained, tmp_path):
   Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(gray)
   (top,) = predict.predict(str(trained[0]), [str(gray)], k=10)
   assert len(top) == 10 and sum(p for _, p in top) == pytest.approx(1.0, abs=1e-4)
+  # ... as the same picture given as a 32x32 RGB image: gray in all three channels.
+  rgb = np.asarray(Image.open(gray).convert('RGB').resize((32, 32), Image.Resampling.BILINEAR))
+  predictor = predict.Predictor(str(trained[0]))
+  (expected,) = predictor.top_k(rgb[None], k=10)
+  assert [name for name, _ in top] == [name for name, _ in expected]
+  assert [p for _, p in top] == pytest.approx([p for _, p in expected], abs=1e-6)
 
 
 def test_progress_bar_on_a_terminal_lines_otherwise(tmp_path):
