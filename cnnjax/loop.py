@@ -94,7 +94,8 @@ class Trainer:
     self.train_step = jax.jit(
         functools.partial(train.train_step, augment_cfg=augment_cfg, coefficients=coefficients,
                           weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay),
-        out_shardings=(self.replicated, self.replicated))
+        out_shardings=(self.replicated, self.replicated),
+        donate_argnums=0)  # the old state's buffers become the new one's: one copy in memory
     self.eval_step = jax.jit(functools.partial(train.eval_step, augment_cfg=augment_cfg),
                              out_shardings=self.replicated)
 
