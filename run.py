@@ -128,7 +128,7 @@ def main(argv):
     fail('--workdir is required')
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
   init_distributed()
-  from cnnjax import loop
+  from cnnjax import loop, workdir as workdir_lib
   from cnnjax.errors import UserError
   try:
     if mode == 'bench':
@@ -149,7 +149,7 @@ def main(argv):
       config = load_config() if _CONFIG.value is not None else None
       predict.run(_WORKDIR.value, _IMAGES.value + extra, _TOP_K.value, config)
     else:
-      config = load_config() if _CONFIG.value is not None else loop.load_saved_config(_WORKDIR.value)
+      config = load_config() if _CONFIG.value is not None else workdir_lib.load_saved_config(_WORKDIR.value)
       if config is None:
         fail(f'no config.json in {_WORKDIR.value}: pass --config, or train there first')
       loop.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import augment, data, loop
+from cnnjax import augment, data, workdir as workdir_lib
 from cnnjax.predict import Predictor
 
 
 def main(workdir, split='test[:500]'):
-  config = loop.load_saved_config(workdir)
+  config = workdir_lib.load_saved_config(workdir)
   run = Predictor(workdir, config)
   state = run.state
   examples = data.load(run.builder, split)

@@ -6,7 +6,6 @@ forward pass and for forward + backward + update (the real train_step,
 augmentation included). Needs no dataset: shapes come from the config.
 """
 import datetime
-import functools
 import math
 import time
 
@@ -14,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import config as config_lib, kernels, loop, models, parallel, train
+from cnnjax import config as config_lib, kernels, models, parallel, state as state_lib
+from cnnjax.report import log
 from cnnjax.errors import UserError
 
 # (image size, channels, classes) of datasets whose shapes bench knows without TFDS.
@@ -45,9 +45,9 @@ def time_run(name, fn, burn_in, steps, batch_size):
     if i >= burn_in:
       durations.append(duration)
       if (i - burn_in) % 10 == 0:
-        loop.log(f'{datetime.datetime.now()}: step {i - burn_in}, duration = {duration:.3f}')
+        log(f'{datetime.datetime.now()}: step {i - burn_in}, duration = {duration:.3f}')
   mean, std = float(np.mean(durations)), float(np.std(durations))
-  loop.log(f'{datetime.datetime.now()}: {name} across {steps} steps, '
+  log(f'{datetime.datetime.now()}: {name} across {steps} steps, '
            f'{mean:.3f} +/- {std:.3f} sec / batch ({mean * 1e3:.2f} ms; '
            f'{batch_size / mean:.1f} examples/sec)')
   return {'mean': mean, 'std': std, 'examples_per_sec': batch_size / mean}
@@ -71,8 +71,8 @@ class Synthetic:
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     image_shape = (self.size, self.size, self.channels)
     # 50,000: a nominal train-set size, for schedules counted in epochs.
-    _, _, self.state = loop.initial_state(config, self.classes, 50000, image_shape, replicated)
-    shape = loop.input_shape(config, image_shape)
+    _, _, self.state = state_lib.initial_state(config, self.classes, 50000, image_shape, replicated)
+    shape = state_lib.input_shape(config, image_shape)
     rng = np.random.default_rng(0)
     self.host_batch = {
         'image': rng.integers(0, 256, (self.batch, *image_shape), dtype=np.uint8),
@@ -85,11 +85,7 @@ class Synthetic:
       self.variables['batch_stats'] = self.state.batch_stats
     apply_fn = self.state.apply_fn
     self._forward = jax.jit(lambda v, x: apply_fn(v, x, train=False), out_shardings=sharded)
-    terms = loop.weight_loss_terms(config, self.state.params)
-    self._step = jax.jit(functools.partial(train.train_step, augment_cfg=config.augment.lock(),
-                                           coefficients=terms, weight_loss_on=config.weight_loss_on,
-                                           ema_decay=config.ema_decay),
-                         out_shardings=(replicated, replicated), donate_argnums=0)
+    self._step = state_lib.jit_train_step(config, self.state.params, replicated)
 
   def forward(self):
     return self._forward(self.variables, self.images)
@@ -101,7 +97,7 @@ class Synthetic:
 
 def run(config):
   s = Synthetic(config)
-  loop.log(f'bench: {config.model}, {models.param_count(s.state.params):,} parameters, '
+  log(f'bench: {config.model}, {models.param_count(s.state.params):,} parameters, '
            f'batch {s.batch} of {s.size}x{s.size}x{s.channels}, {jax.device_count()} x '
            f'{jax.devices()[0].device_kind}; kernels: {kernels.describe()}')
   b = config.bench

@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from cnnjax import workdir as workdir_lib
 from cnnjax.errors import UserError
 
 
@@ -26,7 +27,7 @@ class Checkpoints:
 
   def __init__(self, workdir, keep, read_only=False):
     self.workdir = workdir
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = os.path.abspath(workdir_lib.checkpoints_dir(workdir))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.LatestN(keep),
         cleanup_tmp_directories=not read_only,

@@ -2,69 +2,20 @@
 
 train_and_evaluate(config, workdir) is what `python run.py` calls.
 """
-import functools
-import json
-import os
 import signal
 import time
 
 import jax
 import numpy as np
 
-from cnnjax import (checkpoint, config as config_lib, data, kernels, models, optim, parallel,
-                    plots, train)
+from cnnjax import (checkpoint, config as config_lib, data, kernels, models, parallel, plots,
+                    state as state_lib, workdir as workdir_lib)
 from cnnjax.errors import UserError
-from cnnjax.report import Reporter
-
-
-def log(message):
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def prepare_workdir(workdir):
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    # A probe of this process's own: processes sharing the workdir start at the same instant.
-    probe = os.path.join(workdir, f'.write-test-{jax.process_index()}-{os.getpid()}')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
-
-
-def input_shape(config, image_shape):
-  """The model's input shape: the dataset's images, or their crop."""
-  h, w, c = image_shape
-  size = config.augment.crop_size
-  return (size, size, c) if size else (h, w, c)
-
-
-def initial_state(config, num_classes, num_train, image_shape, sharding):
-  """(model, learning-rate schedule, TrainState initialised from config.seed)."""
-  model = models.create(config.model, num_classes)
-  learning_rate = optim.learning_rate_fn(config, num_train)
-  init = functools.partial(train.create_train_state, model=model,
-                           tx=optim.make(config, learning_rate),
-                           input_shape=input_shape(config, image_shape),
-                           ema=config.ema_decay > 0)
-  return model, learning_rate, jax.jit(init, out_shardings=sharding)(
-      jax.random.PRNGKey(config.seed))
+from cnnjax.report import Reporter, log
 
 
 def num_classes(builder):
   return builder.info.features['label'].num_classes
-
-
-def weight_loss_terms(config, params):
-  """config.weight_loss as ((layer, wl), ...), each layer checked against the model."""
-  terms = tuple(sorted(config.weight_loss.items()))
-  for name, _ in terms:
-    if name != '*' and (name not in params or 'kernel' not in params[name]):
-      raise UserError(f'bad config: weight_loss names {name!r}, which is not a layer of '
-                      f'{config.model} (layers: {", ".join(params)})')
-  return terms
 
 
 class Trainer:
@@ -86,18 +37,11 @@ class Trainer:
         p, count) if for_training else None
     self.replicated = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
-    self.model, self.learning_rate, self.state = initial_state(
+    self.model, self.learning_rate, self.state = state_lib.initial_state(
         config, num_classes(self.builder), data.num_examples(self.builder, config.train_split),
         self.eval_split.images.shape[1:], self.replicated)
-    coefficients = weight_loss_terms(config, self.state.params)
-    augment_cfg = config.augment.lock()
-    self.train_step = jax.jit(
-        functools.partial(train.train_step, augment_cfg=augment_cfg, coefficients=coefficients,
-                          weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay),
-        out_shardings=(self.replicated, self.replicated),
-        donate_argnums=0)  # the old state's buffers become the new one's: one copy in memory
-    self.eval_step = jax.jit(functools.partial(train.eval_step, augment_cfg=augment_cfg),
-                             out_shardings=self.replicated)
+    self.train_step = state_lib.jit_train_step(config, self.state.params, self.replicated)
+    self.eval_step = state_lib.jit_eval_step(config, self.replicated)
 
   def describe(self):
     c = self.config
@@ -130,51 +74,6 @@ class Trainer:
     return parallel.put_batch(batch, self.batch_sharding)
 
 
-# What fixes the shapes of the train state: resuming with another value fails.
-STATE_FIELDS = {
-    'model': lambda c: c.model,
-    'dataset': lambda c: c.dataset,
-    'optimizer': lambda c: c.optimizer,
-    'augment.crop_size': lambda c: c.augment.crop_size,
-    'ema_decay > 0': lambda c: c.get('ema_decay', 0.0) > 0,
-}
-
-
-def load_saved_config(workdir):
-  """The config a workdir was trained with (config.json), or None."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    saved = json.load(f)
-  # Onto today's defaults, so a workdir written before a field existed still loads.
-  config = config_lib.base_config()
-  with config.unlocked():
-    config.update(saved)
-  return config
-
-
-def check_resumable(config, workdir):
-  """UserError if config.json in workdir has other values for STATE_FIELDS."""
-  saved = load_saved_config(workdir)
-  if saved is None:
-    return
-  for field, value in STATE_FIELDS.items():
-    before, now = value(saved), value(config)
-    if before != now:
-      raise UserError(f'workdir {workdir} was trained with {field}={before!r}, this config has '
-                      f'{field}={now!r}; use a new --workdir (or the same {field})')
-
-
-def write_config(config, workdir):
-  """Writes config.json atomically: a kill never leaves a half-written one."""
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + '.tmp', path)
-
-
 class StopSignals:
   """SIGTERM/SIGINT ask the loop to stop after the current step (with a checkpoint)."""
 
@@ -200,8 +99,8 @@ def train_and_evaluate(config, workdir):
   Returns the last evaluation's result with `step`, `stopped` (the signal) where a
   signal stopped it, and the final TrainState this process holds under `state`.
   """
-  prepare_workdir(workdir)
-  check_resumable(config, workdir)
+  workdir_lib.prepare(workdir)
+  workdir_lib.check_resumable(config, workdir)
   trainer = Trainer(config)
   trainer.describe()
   ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
@@ -209,7 +108,7 @@ def train_and_evaluate(config, workdir):
     start, trainer.state = ckpt.restore_latest(trainer.state, report=log)
     if start is not None:
       log(f'resumed from the checkpoint at step {start}')
-    write_config(config, workdir)
+    workdir_lib.write_config(config, workdir)
     reporter = Reporter(workdir, start or 0, config.num_train_steps, config.progress)
     try:
       with StopSignals() as stop:
@@ -226,7 +125,7 @@ def train_and_evaluate(config, workdir):
 
 def evaluate_checkpoint(config, workdir, step=None):
   """--mode=eval (the seeds' has_trained=True): restore a checkpoint, evaluate, no training."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt_dir = workdir_lib.checkpoints_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
   trainer = Trainer(config, for_training=False)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from cnnjax import workdir as workdir_lib
 from cnnjax.errors import UserError
 from cnnjax.report import METRICS_FILE, read_metrics
 
@@ -58,7 +59,7 @@ def write(workdir):
 
 def _recipe(workdir):
   """'\n' + the run's recipe line from config.json, for the titles ('' if none)."""
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   try:
     with open(path) as f:
       recipe = json.load(f).get('recipe', '')

@@ -11,7 +11,8 @@ import os
 import jax
 import numpy as np
 
-from cnnjax import checkpoint, data, loop, parallel, train
+from cnnjax import checkpoint, data, parallel, state as state_lib, train, workdir as workdir_lib
+from cnnjax.report import log
 from cnnjax.errors import UserError
 
 
@@ -36,7 +37,7 @@ class Predictor:
   """A run's latest checkpoint, ready to classify uint8 images."""
 
   def __init__(self, workdir, config=None):
-    config = config or loop.load_saved_config(workdir)
+    config = config or workdir_lib.load_saved_config(workdir)
     if config is None:
       raise UserError(f'no config.json in {workdir}: train there first, or pass --config')
     self.builder = data.info(config.dataset, config.data_dir, config.download)
@@ -45,15 +46,15 @@ class Predictor:
     if None in self.size:
       raise UserError(f'{config.dataset} has images of varying size; predict needs a fixed one')
     self.names = self.builder.info.features['label'].names
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    if not os.path.isdir(workdir_lib.checkpoints_dir(workdir)):
       raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
     replicated = parallel.replicated(parallel.make_mesh())
-    _, _, like = loop.initial_state(
+    like = state_lib.abstract_state(
         config, len(self.names), data.num_examples(self.builder, config.train_split),
         (*self.size, self.channels), replicated)
     ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)
     try:
-      self.step, self.state = ckpt.restore_latest(like, report=loop.log)
+      self.step, self.state = ckpt.restore_latest(like, report=log)
     finally:
       ckpt.close()
     if self.step is None:
@@ -89,4 +90,4 @@ def run(workdir, paths, k, config=None):
   if k < 1:
     raise UserError(f'--top_k must be positive, got {k}')
   for path, top in zip(paths, predict(workdir, paths, k, config)):
-    loop.log(f'{path}: ' + ', '.join(f'{name} {p:.1%}' for name, p in top))
+    log(f'{path}: ' + ', '.join(f'{name} {p:.1%}' for name, p in top))

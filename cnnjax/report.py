@@ -18,6 +18,12 @@ LOG_FORMAT = 'step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)'
 METRICS_FILE = 'metrics.jsonl'
 
 
+def log(message):
+  """A console line, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def read_metrics(workdir):
   """The records of workdir/metrics.jsonl ([] if none); a torn last line is skipped."""
   path = os.path.join(workdir, METRICS_FILE)

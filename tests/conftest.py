@@ -45,3 +45,16 @@ def small_config(**overrides):
   return recipe_config('cifar_lrn', **dict(dict(
       train_split='train[:512]', eval_split='test[:300]', batch_size=64, eval_batch_size=128),
       **overrides))
+
+
+def restore(workdir, step, config):
+  """The state saved at `step` in workdir (a CIFAR-10 run of `config`), read back on this
+  process's devices through the read-only path predict uses: no data, nothing computed."""
+  from cnnjax import checkpoint, parallel, state
+  like = state.abstract_state(config, 10, 50000, (32, 32, 3),
+                              parallel.replicated(parallel.make_mesh()))
+  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
+  try:
+    return ckpt.restore(step, like)
+  finally:
+    ckpt.close()

@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from cnnjax import augment
 from cnnjax.config import base_config

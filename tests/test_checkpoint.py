@@ -14,7 +14,7 @@ import pytest
 
 from cnnjax import checkpoint, loop
 from cnnjax.errors import UserError
-from tests.conftest import ROOT, small_config
+from tests.conftest import ROOT, restore, small_config
 
 TINY = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=32,
             eval_batch_size=64, log_every=1, eval_every=0, checkpoint_every=4)
@@ -25,12 +25,7 @@ def tiny(**overrides):
 
 
 def saved_state(workdir, step, config=None):
-  trainer = loop.Trainer(config or tiny(), for_training=False)
-  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
-  try:
-    return ckpt.restore(step, trainer.state)
-  finally:
-    ckpt.close()
+  return restore(workdir, step, config or tiny())
 
 
 def assert_same_state(a, b):

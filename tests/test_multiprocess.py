@@ -11,8 +11,8 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import checkpoint, loop, parallel
-from tests.conftest import ROOT, as_flags, small_config
+from cnnjax import checkpoint
+from tests.conftest import ROOT, as_flags, restore, small_config
 
 OVERRIDES = ['train_split=train[:256]', 'eval_split=test[:101]', 'batch_size=32',
              'eval_batch_size=16', 'log_every=1', 'eval_every=0', 'checkpoint_every=2',
@@ -96,15 +96,7 @@ def wait_all(procs, deadline_s):
 
 def saved_params(workdir, step):
   """The params of the checkpoint at `step` in workdir, read back in this process."""
-  config = small_config(**RUN)
-  _, _, like = loop.initial_state(config, 10, 512, (32, 32, 3),
-                                  parallel.replicated(parallel.make_mesh()))
-  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
-  try:
-    assert ckpt.steps() == [step] or step in ckpt.steps()
-    return jax.tree.map(np.asarray, ckpt.restore(step, like).params)
-  finally:
-    ckpt.close()
+  return jax.tree.map(np.asarray, restore(workdir, step, small_config(**RUN)).params)
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
@@ -146,11 +138,11 @@ def test_bad_input_on_one_process_ends_both_within_60_s(tmp_path):
 
 
 PREPARE = """import sys, time
-from cnnjax import loop
+from cnnjax import workdir
 while time.time() < float(sys.argv[3]):  # both start at the same instant
   pass
 for i in range(int(sys.argv[2])):
-  loop.prepare_workdir(f'{sys.argv[1]}/run{i}')
+  workdir.prepare(f'{sys.argv[1]}/run{i}')
 """
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnnjax import checkpoint, loop
+from tests import conftest
 from tests.conftest import ROOT, as_flags, recipe_config, small_config
 
 EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
@@ -33,12 +34,7 @@ def final_eval(stdout):
 
 def restore(workdir, step):
   """Restores on this (1-device) process, whatever device count saved it."""
-  trainer = loop.Trainer(small_config(**OVERRIDES), for_training=False)
-  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
-  try:
-    return ckpt.restore(step, trainer.state)
-  finally:
-    ckpt.close()
+  return conftest.restore(workdir, step, small_config(**OVERRIDES))
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import augment, config as config_lib, loop, models, train
+from cnnjax import augment, config as config_lib, loop, models, state as state_lib, train
 from tests.conftest import recipe_config
 
 RECIPES = {  # config -> (model, parameter count, input shape)
@@ -165,7 +165,7 @@ def test_vgg_weight_loss_decays_every_parameter_as_paddles_l2():
   batch-norm scale and offset too, not only kernels."""
   config = get_config('cifar_vgg16')
   params = tiny_state('cifar_vgg16', (32, 32, 3)).params
-  terms = loop.weight_loss_terms(config, params)
+  terms = state_lib.weight_loss_terms(config, params)
   grads = jax.grad(train.weight_loss)(params, terms, config.weight_loss_on)
   wl = config.weight_loss['*']
   jax.tree.map(lambda g, p: np.testing.assert_allclose(g, wl * p, rtol=1e-6), grads, params)

@@ -10,7 +10,6 @@ A wrong value in a config or a model fails here.
 import ast
 import functools
 import operator
-import pathlib
 import re
 
 import flax.linen as nn

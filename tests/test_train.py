@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import augment, loop, models, train
+from cnnjax import augment, loop, models, state as state_lib, train
 from tests.conftest import small_config
 
 
@@ -35,7 +35,7 @@ def test_loss_is_cross_entropy_plus_hand_computed_weight_losses(trainer):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(8, 24, 24, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
-  terms = loop.weight_loss_terms(trainer.config, params)
+  terms = state_lib.weight_loss_terms(trainer.config, params)
   loss, (ce, _, _) = train.loss_fn(params, trainer.state, images, labels, terms, 'kernels',
                                    jax.random.PRNGKey(0))
 

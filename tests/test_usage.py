@@ -10,12 +10,11 @@ import subprocess
 import sys
 import termios
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import checkpoint, data, loop, predict, train
+from cnnjax import checkpoint, data, loop, predict, train, workdir as workdir_lib
 from tests.conftest import ROOT, as_flags
 
 SMALL = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=64,
@@ -112,7 +111,7 @@ def test_plots_at_the_end_and_in_plot_mode(trained, tmp_path):
 
 
 def restored_state(workdir):
-  trainer = loop.Trainer(loop.load_saved_config(str(workdir)), for_training=False)
+  trainer = loop.Trainer(workdir_lib.load_saved_config(str(workdir)), for_training=False)
   ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
   try:
     return trainer, ckpt.restore_latest(trainer.state, report=print)[1]

@@ -1,0 +1,60 @@
+"""The train state and the jitted steps, built from a config: one home for the trainer
+(loop.py), bench mode and prediction, so the step they run is the same function.
+"""
+import functools
+
+import jax
+
+from cnnjax import models, optim, train
+from cnnjax.errors import UserError
+
+
+def input_shape(config, image_shape):
+  """The model's input shape: the dataset's images, or their crop."""
+  h, w, c = image_shape
+  size = config.augment.crop_size
+  return (size, size, c) if size else (h, w, c)
+
+
+def initial_state(config, num_classes, num_train, image_shape, sharding):
+  """(model, learning-rate schedule, TrainState initialised from config.seed)."""
+  model = models.create(config.model, num_classes)
+  learning_rate = optim.learning_rate_fn(config, num_train)
+  init = functools.partial(train.create_train_state, model=model,
+                           tx=optim.make(config, learning_rate),
+                           input_shape=input_shape(config, image_shape),
+                           ema=config.ema_decay > 0)
+  return model, learning_rate, jax.jit(init, out_shardings=sharding)(
+      jax.random.PRNGKey(config.seed))
+
+
+def weight_loss_terms(config, params):
+  """config.weight_loss as ((layer, wl), ...), each layer checked against the model."""
+  terms = tuple(sorted(config.weight_loss.items()))
+  for name, _ in terms:
+    if name != '*' and (name not in params or 'kernel' not in params[name]):
+      raise UserError(f'bad config: weight_loss names {name!r}, which is not a layer of '
+                      f'{config.model} (layers: {", ".join(params)})')
+  return terms
+
+
+def abstract_state(config, num_classes, num_train, image_shape, sharding):
+  """The TrainState's shapes, dtypes and shardings (jax.eval_shape: nothing is computed),
+  as a checkpoint restore needs them."""
+  return jax.eval_shape(lambda: initial_state(config, num_classes, num_train, image_shape,
+                                              sharding)[2])
+
+
+def jit_train_step(config, params, sharding):
+  """train.train_step with the config's static settings bound, jitted; it donates the
+  state it is given (its buffers become the new state's)."""
+  return jax.jit(
+      functools.partial(train.train_step, augment_cfg=config.augment.lock(),
+                        coefficients=weight_loss_terms(config, params),
+                        weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay),
+      out_shardings=(sharding, sharding), donate_argnums=0)
+
+
+def jit_eval_step(config, sharding):
+  return jax.jit(functools.partial(train.eval_step, augment_cfg=config.augment.lock()),
+                 out_shardings=sharding)

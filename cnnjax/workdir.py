@@ -1,0 +1,74 @@
+"""A run's workdir and the files in it: config.json, the checkpoints directory, the
+check that a config can resume what is there. (metrics.jsonl: report.py.)
+"""
+import json
+import os
+
+import jax
+
+from cnnjax import config as config_lib
+from cnnjax.errors import UserError
+
+CONFIG_FILE = 'config.json'
+CHECKPOINTS = 'checkpoints'
+
+
+def checkpoints_dir(workdir):
+  return os.path.join(workdir, CHECKPOINTS)
+
+
+def prepare(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # A probe of this process's own: processes sharing the workdir start at the same instant.
+    probe = os.path.join(workdir, f'.write-test-{jax.process_index()}-{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
+
+
+# What fixes the shapes of the train state: resuming with another value fails.
+STATE_FIELDS = {
+    'model': lambda c: c.model,
+    'dataset': lambda c: c.dataset,
+    'optimizer': lambda c: c.optimizer,
+    'augment.crop_size': lambda c: c.augment.crop_size,
+    'ema_decay > 0': lambda c: c.get('ema_decay', 0.0) > 0,
+}
+
+
+def load_saved_config(workdir):
+  """The config a workdir was trained with (config.json), or None."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  # Onto today's defaults, so a workdir written before a field existed still loads.
+  config = config_lib.base_config()
+  with config.unlocked():
+    config.update(saved)
+  return config
+
+
+def check_resumable(config, workdir):
+  """UserError if config.json in workdir has other values for STATE_FIELDS."""
+  saved = load_saved_config(workdir)
+  if saved is None:
+    return
+  for field, value in STATE_FIELDS.items():
+    before, now = value(saved), value(config)
+    if before != now:
+      raise UserError(f'workdir {workdir} was trained with {field}={before!r}, this config has '
+                      f'{field}={now!r}; use a new --workdir (or the same {field})')
+
+
+def write_config(config, workdir):
+  """Writes config.json atomically: a kill never leaves a half-written one."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + '.tmp', path)
