@@ -7,7 +7,7 @@ import importlib.util
 import ml_collections
 from ml_collections import config_dict
 
-from cnnjax import models
+from cnnjax import models, optim
 from cnnjax.errors import UserError
 
 
@@ -88,6 +88,10 @@ def validate(c):
   for field in ('num_train_steps', 'eval_every', 'checkpoint_every', 'input_shards'):
     need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
   need(c.learning_rate > 0, f'learning_rate must be positive, got {c.learning_rate}')
+  need(c.optimizer in optim.OPTIMIZERS,
+       f'optimizer={c.optimizer!r} is not one of {", ".join(optim.OPTIMIZERS)}')
+  need(c.schedule in optim.SCHEDULES,
+       f'schedule={c.schedule!r} is not one of {", ".join(optim.SCHEDULES)}')
   need(c.weight_loss_on in ('kernels', 'all'),
        f"weight_loss_on must be 'kernels' or 'all', got {c.weight_loss_on!r}")
   need(0 <= c.ema_decay < 1, f'ema_decay must be in [0, 1), got {c.ema_decay}')

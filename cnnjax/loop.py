@@ -2,6 +2,7 @@
 
 train_and_evaluate(config, workdir) is what `python run.py` calls.
 """
+import os
 import signal
 import time
 
@@ -37,9 +38,12 @@ class Trainer:
         p, count) if for_training else None
     self.replicated = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
-    self.model, self.learning_rate, self.state = state_lib.initial_state(
-        config, num_classes(self.builder), data.num_examples(self.builder, config.train_split),
-        self.eval_split.images.shape[1:], self.replicated)
+    args = (config, num_classes(self.builder), data.num_examples(self.builder, config.train_split),
+            self.eval_split.images.shape[1:], self.replicated)
+    if for_training:
+      self.model, self.learning_rate, self.state = state_lib.initial_state(*args)
+    else:  # a checkpoint will fill it: its shapes and shardings are enough, nothing computed
+      self.state = state_lib.abstract_state(*args)
     self.train_step = state_lib.jit_train_step(config, self.state.params, self.replicated)
     self.eval_step = state_lib.jit_eval_step(config, self.replicated)
 
@@ -54,9 +58,8 @@ class Trainer:
     log(f'data: {c.dataset} {c.train_split}={num_train:,} examples, '
         f'{c.eval_split}={self.eval_total:,} examples')
 
-  def evaluate(self, state=None):
+  def evaluate(self, state):
     """Precision @ 1 over exactly the examples of the eval split, on every device."""
-    state = self.state if state is None else state
     totals = {'correct': 0, 'count': 0, 'loss_sum': 0.0}
     local_batch = self.config.eval_batch_size // jax.process_count()
     largest_part = -(-self.eval_total // jax.process_count())
@@ -105,14 +108,14 @@ def train_and_evaluate(config, workdir):
   trainer.describe()
   ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   try:
-    start, trainer.state = ckpt.restore_latest(trainer.state, report=log)
+    start, state = ckpt.restore_latest(trainer.state, report=log)
     if start is not None:
       log(f'resumed from the checkpoint at step {start}')
     workdir_lib.write_config(config, workdir)
     reporter = Reporter(workdir, start or 0, config.num_train_steps, config.progress)
     try:
       with StopSignals() as stop:
-        result = dict(_loop(trainer, ckpt, stop, reporter), state=trainer.state)
+        state, result = _loop(trainer, state, ckpt, stop, reporter)
     finally:
       reporter.close()
   finally:
@@ -120,7 +123,7 @@ def train_and_evaluate(config, workdir):
   if jax.process_index() == 0:
     for path in plots.write(workdir):
       log(f'wrote {path}')
-  return result
+  return dict(result, state=state)
 
 
 def evaluate_checkpoint(config, workdir, step=None):
@@ -133,20 +136,20 @@ def evaluate_checkpoint(config, workdir, step=None):
   ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)
   try:
     if step is None:
-      step, trainer.state = ckpt.restore_latest(trainer.state, report=log)
+      step, state = ckpt.restore_latest(trainer.state, report=log)
       if step is None:
         raise UserError(f'no readable checkpoint in {ckpt_dir}')
     else:
-      trainer.state = ckpt.restore_step(step, trainer.state)
+      state = ckpt.restore_step(step, trainer.state)
   finally:
     ckpt.close()
   log(f'restored the checkpoint at step {step}')
-  return _report_eval(trainer, step, Reporter())
+  return _report_eval(trainer, state, step, Reporter())
 
 
-def _loop(trainer, ckpt, stop, reporter):
+def _loop(trainer, state, ckpt, stop, reporter):
+  """Trains from `state` to config.num_train_steps or a stop; returns (state, result)."""
   config = trainer.config
-  state = trainer.state
   start = int(state.step)
   last_time, last_step = time.perf_counter(), start
   pending = None  # the previous step's metrics: checked one step late, so the device never idles
@@ -167,8 +170,7 @@ def _loop(trainer, ckpt, stop, reporter):
                      float(metrics['cross_entropy']))
       last_time, last_step = now, done
     if config.eval_every and done % config.eval_every == 0 and done != config.num_train_steps:
-      trainer.state = state
-      _report_eval(trainer, done, reporter)
+      _report_eval(trainer, state, done, reporter)
       last_time, last_step = time.perf_counter(), done  # keep eval out of examples/sec
     # Every process stops at the same step, whichever of them got the signal.
     stopping = any_process(stop.received is not None)
@@ -179,15 +181,13 @@ def _loop(trainer, ckpt, stop, reporter):
       ckpt.wait()
       received = stop.received or 'a signal to another process'
       reporter.message(f'stopped by {received} after step {done}; checkpoint written')
-      trainer.state = state
-      return {'step': done, 'stopped': received}
+      return state, {'step': done, 'stopped': received}
   if pending is not None:
     _finite_loss(*pending)
-  trainer.state = state
   final_step = int(state.step)
   if ckpt.latest_step() != final_step:
     ckpt.save(final_step, state)
-  return _report_eval(trainer, final_step, reporter)
+  return state, _report_eval(trainer, state, final_step, reporter)
 
 
 def _finite_loss(metrics, step):
@@ -197,7 +197,7 @@ def _finite_loss(metrics, step):
   return loss
 
 
-def _report_eval(trainer, step, reporter):
-  result = trainer.evaluate()
+def _report_eval(trainer, state, step, reporter):
+  result = trainer.evaluate(state)
   reporter.eval(step, result)
   return dict(result, step=step)

@@ -50,7 +50,7 @@ def jit_train_step(config, params, sharding):
   state it is given (its buffers become the new state's)."""
   return jax.jit(
       functools.partial(train.train_step, augment_cfg=config.augment.lock(),
-                        coefficients=weight_loss_terms(config, params),
+                        weight_loss_terms=weight_loss_terms(config, params),
                         weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay),
       out_shardings=(sharding, sharding), donate_argnums=0)
 

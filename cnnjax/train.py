@@ -39,15 +39,15 @@ def create_train_state(key, model, tx, input_shape, ema=False):
 WEIGHT_LOSS_ON = ('kernels', 'all')
 
 
-def weight_loss(params, coefficients, on='kernels'):
+def weight_loss(params, weight_loss_terms, on='kernels'):
   """Sum over layers of wl * tf.nn.l2_loss(p): TF's 'losses' collection.
 
-  `coefficients` is ((layer_name, wl), ...); the name '*' sets the wl of every
+  `weight_loss_terms` is ((layer_name, wl), ...); the name '*' sets the wl of every
   layer not named. on='kernels': only kernels carry it (the TF seeds); on='all':
   every parameter of the layer, biases and batch-norm scale and offset too, whose
   gradient wl * p is PaddlePaddle's L2Regularization decay.
   """
-  wl_of = dict(coefficients)
+  wl_of = dict(weight_loss_terms)
   default = wl_of.pop('*', 0.0)
   terms = []
   for name, layer in params.items():
@@ -71,7 +71,7 @@ def _variables(state, params):
   return variables
 
 
-def loss_fn(params, state, images, labels, coefficients, weight_loss_on, dropout_key):
+def loss_fn(params, state, images, labels, weight_loss_terms, weight_loss_on, dropout_key):
   """Mean cross-entropy + weight losses, as the seeds' tf.add_n(losses).
 
   Returns (loss, (cross_entropy, logits, new batch-norm statistics or None)).
@@ -85,7 +85,7 @@ def loss_fn(params, state, images, labels, coefficients, weight_loss_on, dropout
                                      mutable=['batch_stats'])
     batch_stats = updates['batch_stats']
   ce = jnp.mean(cross_entropy(logits, labels))
-  return ce + weight_loss(params, coefficients, weight_loss_on), (ce, logits, batch_stats)
+  return ce + weight_loss(params, weight_loss_terms, weight_loss_on), (ce, logits, batch_stats)
 
 
 def ema_update(ema_params, params, step, decay):
@@ -95,7 +95,7 @@ def ema_update(ema_params, params, step, decay):
   return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
 
 
-def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, coefficients,
+def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_loss_terms,
                weight_loss_on='kernels', ema_decay=0.0):
   """One optimizer step on a uint8 batch; augmentation and dropout keyed by (rng, step)."""
   key = jax.random.fold_in(state.rng, state.step)
@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, coeffic
   dropout_key = jax.random.fold_in(key, 1)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (ce, logits, batch_stats)), grads = grad_fn(
-      state.params, state, images, batch['label'], coefficients, weight_loss_on, dropout_key)
+      state.params, state, images, batch['label'], weight_loss_terms, weight_loss_on, dropout_key)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if state.ema_params is not None:
     new_state = new_state.replace(ema_params=ema_update(

@@ -46,6 +46,8 @@ def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
     (['--config.no_such_field=1'], "unknown config field 'config.no_such_field'"),
     (['--config.dataset=cifar11'], "unknown dataset 'cifar11'"),
     (['--config.model=resnet9000'], "bad config: model='resnet9000'"),
+    (['--config.optimizer=adamw'], "bad config: optimizer='adamw' is not one of sgd, momentum"),
+    (['--config.schedule=cosine'], "bad config: schedule='cosine' is not one of constant"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
   result = run('--workdir', str(tmp_path), *args)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, loop
+from cnnjax import checkpoint, parallel, state as state_lib
 from tests import conftest
 from tests.conftest import ROOT, as_flags, recipe_config, small_config
 
@@ -95,8 +95,8 @@ def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
   # 5e-6 and 5e-4 with it. So compare each layer's update (not the params, which barely
   # move in 2 steps) by norm, at 2e-2; a wrong reduction (per-device BN statistics, a
   # missing gradient average, equal dropout masks per device) is off by order 1.
-  trainer = loop.Trainer(recipe_config('cifar_vgg16', **VGG), for_training=False)
-  initial = trainer.state
+  _, _, initial = state_lib.initial_state(recipe_config('cifar_vgg16', **VGG), 10, 50000,
+                                         (32, 32, 3), parallel.replicated(parallel.make_mesh()))
   states = []
   for name, env in (('one', {}), ('eight', EIGHT)):
     result = subprocess.run(

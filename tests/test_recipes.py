@@ -69,7 +69,7 @@ def test_tutorial_recipe_keeps_and_evaluates_with_the_average():
   config = get_config('cifar_tutorial')
   state = tiny_state('cifar_lrn', (24, 24, 3), ema=True)
   step = jax.jit(lambda s, b: train.train_step(s, b, augment_cfg=config.augment,
-                                               coefficients=(), ema_decay=0.9999))
+                                               weight_loss_terms=(), ema_decay=0.9999))
   for i in range(3):
     state, _ = step(state, uint8_batch(8, (32, 32, 3), seed=i))
   # After 3 steps the decay is min(0.9999, 4/13): the average trails the params.
@@ -94,7 +94,7 @@ def test_mnist_dropout_only_in_training_with_its_own_stream():
   # that drives the augmentation: its loss is the loss under exactly that key.
   config = get_config('mnist_cnn')
   batch = uint8_batch(8, (28, 28, 1))
-  _, metrics = train.train_step(state, batch, augment_cfg=config.augment, coefficients=())
+  _, metrics = train.train_step(state, batch, augment_cfg=config.augment, weight_loss_terms=())
   key = jax.random.fold_in(state.rng, state.step)
   images = augment.preprocess(key, batch['image'], config.augment, train=True)
   loss = lambda dropout_key: train.loss_fn(state.params, state, images, batch['label'], (),
@@ -108,7 +108,7 @@ def test_vgg_batch_norm_statistics_train_vs_eval():
   state = tiny_state('cifar_vgg16', (32, 32, 3))
   before = state.batch_stats
   state2, _ = jax.jit(lambda s, b: train.train_step(
-      s, b, augment_cfg=config.augment, coefficients=(('*', 0.0002),)))(
+      s, b, augment_cfg=config.augment, weight_loss_terms=(('*', 0.0002),)))(
           state, uint8_batch(8, (32, 32, 3)))
   # Training updates the running statistics kept in the train state.
   assert not np.allclose(state2.batch_stats['bn1_1']['mean'], before['bn1_1']['mean'])

@@ -60,7 +60,7 @@ def test_short_training_lowers_the_loss(trainer):
 
 
 def test_evaluation_counts_exactly_the_split_and_matches_unbatched(trainer):
-  result = trainer.evaluate()
+  result = trainer.evaluate(trainer.state)
   assert result['count'] == 300  # not 3 * 128 = 384
   split = trainer.eval_split
   images = augment.preprocess(None, jnp.asarray(split.images), trainer.config.augment, train=False)
