@@ -41,8 +41,11 @@ def weight_loss_terms(config, params):
 def abstract_state(config, num_classes, num_train, image_shape, sharding):
   """The TrainState's shapes, dtypes and shardings (jax.eval_shape: nothing is computed),
   as a checkpoint restore needs them."""
-  return jax.eval_shape(lambda: initial_state(config, num_classes, num_train, image_shape,
-                                              sharding)[2])
+  shapes = jax.eval_shape(lambda: initial_state(config, num_classes, num_train, image_shape,
+                                                sharding)[2])
+  # Restore onto `sharding` on this process's devices, whatever topology saved it.
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes)
 
 
 def jit_train_step(config, params, sharding):

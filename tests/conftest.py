@@ -1,5 +1,7 @@
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -37,6 +39,26 @@ def recipe_config(name, **overrides):
 
 def as_flags(overrides):
   return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+# The small real slices the command-line tests train on (each test adds its step counts).
+SMALL_RUN = dict(train_split='train[:256]', eval_split='test[:100]', eval_batch_size=64)
+
+
+def run_py(*args, config='configs/cifar_lrn.py', env=None, wait=True, **popen):
+  """`python run.py [--config CONFIG] ARGS` from the project root, as a user runs it.
+
+  env: variables to add (a None value removes one). wait=True: the finished process
+  (subprocess.run, output captured, at most 600 s); wait=False: the started one (Popen,
+  stdout and stderr piped unless `popen` says otherwise).
+  """
+  command = [sys.executable, 'run.py', *(['--config', config] if config else []), *args]
+  env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+  if wait:
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  popen = {'stdout': subprocess.PIPE, 'stderr': subprocess.PIPE, **popen}
+  return subprocess.Popen(command, cwd=ROOT, env=env, text=True, **popen)
 
 
 def small_config(**overrides):

@@ -3,8 +3,6 @@ import os
 import pathlib
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,10 +12,9 @@ import pytest
 
 from cnnjax import checkpoint, loop
 from cnnjax.errors import UserError
-from tests.conftest import ROOT, restore, small_config
+from tests.conftest import SMALL_RUN, as_flags, restore, run_py, small_config
 
-TINY = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=32,
-            eval_batch_size=64, log_every=1, eval_every=0, checkpoint_every=4)
+TINY = dict(SMALL_RUN, batch_size=32, log_every=1, eval_every=0, checkpoint_every=4)
 
 
 def tiny(**overrides):
@@ -110,13 +107,8 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path
 
 # --- as a user's process experiences it ---------------------------------------------
 
-TINY_FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()]
-
-
 def start(workdir, *args):
-  return subprocess.Popen(
-      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir', str(workdir),
-       *TINY_FLAGS, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return run_py('--workdir', str(workdir), *as_flags(TINY), *args, wait=False)
 
 
 def wait_for_line(proc, pattern, timeout=300):

@@ -8,16 +8,13 @@ import pytest
 
 from cnnjax import data
 from cnnjax.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py
 
-SMALL = ['--config.train_split=train[:256]', '--config.eval_split=test[:100]',
-         '--config.batch_size=64', '--config.eval_batch_size=64', '--config.log_every=2']
+SMALL = as_flags(dict(SMALL_RUN, batch_size=64, log_every=2))
 
 
 def run(*args, env=None):
-  return subprocess.run([sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, **(env or {})))
+  return run_py(*args, env=env)
 
 
 def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from cnnjax import checkpoint
-from tests.conftest import ROOT, as_flags, restore, small_config
+from tests.conftest import ROOT, as_flags, restore, run_py, small_config
 
 OVERRIDES = ['train_split=train[:256]', 'eval_split=test[:101]', 'batch_size=32',
              'eval_batch_size=16', 'log_every=1', 'eval_every=0', 'checkpoint_every=2',
@@ -66,20 +66,17 @@ RUN = dict(train_split='train[:512]', eval_split='test[:64]', batch_size=32, eva
            learning_rate=0.05, input_shards=2, progress='lines')
 
 
-def run_py(process_id, port, workdir, log, *extra):
-  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
-  env.pop('XLA_FLAGS', None)
-  return subprocess.Popen(
-      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir', str(workdir),
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-       f'--process_id={process_id}', *as_flags(RUN), *extra],
-      cwd=ROOT, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT, text=True)
+def start_process(process_id, port, workdir, log, *extra):
+  return run_py('--workdir', str(workdir), f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2', f'--process_id={process_id}', *as_flags(RUN), *extra,
+                env={'XLA_FLAGS': None}, wait=False, stdout=open(log, 'w'),
+                stderr=subprocess.STDOUT)  # one CPU device per process
 
 
 def run_pair(tmp_path, name, workdir, extra=((), ())):
   port = free_port()
   logs = [tmp_path / f'{name}_{i}.log' for i in range(2)]
-  return [run_py(i, port, workdir, logs[i], *extra[i]) for i in range(2)], logs
+  return [start_process(i, port, workdir, logs[i], *extra[i]) for i in range(2)], logs
 
 
 def wait_all(procs, deadline_s):

@@ -10,22 +10,18 @@ import pytest
 
 from cnnjax import checkpoint, parallel, state as state_lib
 from tests import conftest
-from tests.conftest import ROOT, as_flags, recipe_config, small_config
+from tests.conftest import ROOT, SMALL_RUN, as_flags, recipe_config, run_py, small_config
 
 EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 # SGD: equal gradients give equal updates (Adam would magnify float noise in tiny gradients).
 # 100 test examples in batches of 16 = 8 devices x 2: the last batch is padded and masked.
-OVERRIDES = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=32,
-                 eval_batch_size=16, log_every=1, eval_every=0, checkpoint_every=0,
-                 num_train_steps=4, optimizer='sgd', learning_rate=0.05)
+OVERRIDES = dict(SMALL_RUN, batch_size=32, eval_batch_size=16, log_every=1, eval_every=0,
+                 checkpoint_every=0, num_train_steps=4, optimizer='sgd', learning_rate=0.05)
 FLAGS = as_flags(OVERRIDES)
 
 
 def run(workdir, *args, env=None):
-  return subprocess.run(
-      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir', str(workdir),
-       *FLAGS, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, **(env or {})})
+  return run_py('--workdir', str(workdir), *FLAGS, *args, env=env)
 
 
 def final_eval(stdout):

@@ -15,15 +15,10 @@ import pytest
 from PIL import Image
 
 from cnnjax import checkpoint, data, loop, predict, train, workdir as workdir_lib
-from tests.conftest import ROOT, as_flags
+from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py
 
-SMALL = dict(train_split='train[:256]', eval_split='test[:100]', batch_size=64,
-             eval_batch_size=64, log_every=2, eval_every=3, checkpoint_every=4)
-
-
-def run(*args, config='configs/cifar_lrn.py', **kwargs):
-  command = [sys.executable, 'run.py'] + (['--config', config] if config else []) + list(args)
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+SMALL = dict(SMALL_RUN, batch_size=64, log_every=2, eval_every=3, checkpoint_every=4)
+run = run_py
 
 
 def train_run(workdir, steps, **overrides):
