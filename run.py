@@ -56,14 +56,43 @@ def fail(message):
 def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as e:
+  except Exception as e:
+    _join_to_fail(argv)  # in a multi-process run, so that the others end too
+    fail(_flag_error(argv, e))
+
+
+def _flag_error(argv, e):
+  if isinstance(e, (KeyError, AttributeError)):
     # ml_collections reports an override of a field the config lacks this way.
-    fail(f'unknown config field {_override_named(argv, str(e).strip(chr(34) + chr(39)))!r} '
-         f'(fields: cnnjax/config.py and the config file)')
-  except (flags.Error, ValueError, TypeError) as e:
-    fail(_first_line(e))
-  except Exception as e:  # e.g. a SyntaxError in the config file
-    fail(f'cannot load the config: {type(e).__name__}: {_first_line(e)}')
+    return (f'unknown config field {_override_named(argv, str(e).strip(chr(34) + chr(39)))!r} '
+            f'(fields: cnnjax/config.py and the config file)')
+  if isinstance(e, (flags.Error, ValueError, TypeError)):
+    return _first_line(e)
+  return f'cannot load the config: {type(e).__name__}: {_first_line(e)}'  # e.g. a SyntaxError
+
+
+def _join_to_fail(argv):
+  """A process of a multi-process run whose flags do not parse joins the run before it
+  fails (see fail()), so the others are ended within HEARTBEAT_TIMEOUT_S instead of
+  waiting in jax.distributed.initialize for the process that never comes (300 s)."""
+  global _JOINED
+  values, args = {}, list(argv)
+  for i, arg in enumerate(args):
+    for name in ('coordinator_address', 'num_processes', 'process_id'):
+      if arg.startswith(f'--{name}='):
+        values[name] = arg.split('=', 1)[1]
+      elif arg == f'--{name}' and i + 1 < len(args):
+        values[name] = args[i + 1]
+  if len(values) < 3:
+    return
+  import jax
+  try:
+    jax.distributed.initialize(values['coordinator_address'], int(values['num_processes']),
+                               int(values['process_id']), initialization_timeout=60,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+  except Exception:  # noqa: BLE001  (no run to join: fail alone)
+    return
+  _JOINED = True
 
 
 def _override_named(argv, leaf):

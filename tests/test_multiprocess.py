@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from cnnjax import checkpoint
 from tests.conftest import ROOT, as_flags, restore, run_py, small_config
@@ -122,16 +123,22 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
                saved_params(tmp_path / 'whole', end_step))
 
 
-def test_bad_input_on_one_process_ends_both_within_60_s(tmp_path):
-  for bad in (0, 1):
-    extra = [(), ()]
-    extra[bad] = ('--config.batch_size=0',)  # valid flags, rejected after the processes join
-    start = time.monotonic()
-    procs, logs = run_pair(tmp_path, f'bad{bad}', tmp_path / f'run{bad}', extra)
-    codes = wait_all(procs, 60)
-    assert all(code != 0 for code in codes), codes
-    assert 'error: bad config: batch_size must be positive, got 0' in logs[bad].read_text()
-    assert time.monotonic() - start < 60
+@pytest.mark.parametrize('bad,flag,message', [
+    # Rejected after the processes joined (config validation), on either process:
+    (0, '--config.batch_size=0', 'error: bad config: batch_size must be positive, got 0'),
+    (1, '--config.batch_size=0', 'error: bad config: batch_size must be positive, got 0'),
+    # A flag that does not parse, before the process would have joined:
+    (1, '--config.batch_size=abc', "error: flag --config.batch_size=abc: invalid literal"),
+])
+def test_bad_input_on_one_process_ends_both_within_60_s(tmp_path, bad, flag, message):
+  extra = [(), ()]
+  extra[bad] = (flag,)
+  start = time.monotonic()
+  procs, logs = run_pair(tmp_path, 'bad', tmp_path / 'run', extra)
+  codes = wait_all(procs, 60)
+  assert all(code != 0 for code in codes), codes
+  assert message in logs[bad].read_text()
+  assert time.monotonic() - start < 60
 
 
 PREPARE = """import sys, time
