@@ -75,7 +75,6 @@ def _join_to_fail(argv):
   """A process of a multi-process run whose flags do not parse joins the run before it
   fails (see fail()), so the others are ended within HEARTBEAT_TIMEOUT_S instead of
   waiting in jax.distributed.initialize for the process that never comes (300 s)."""
-  global _JOINED
   values, args = {}, list(argv)
   for i, arg in enumerate(args):
     for name in ('coordinator_address', 'num_processes', 'process_id'):
@@ -85,14 +84,11 @@ def _join_to_fail(argv):
         values[name] = args[i + 1]
   if len(values) < 3:
     return
-  import jax
   try:
-    jax.distributed.initialize(values['coordinator_address'], int(values['num_processes']),
-                               int(values['process_id']), initialization_timeout=60,
-                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+    _join(values['coordinator_address'], int(values['num_processes']),
+          int(values['process_id']), initialization_timeout=60)
   except Exception:  # noqa: BLE001  (no run to join: fail alone)
-    return
-  _JOINED = True
+    pass
 
 
 def _override_named(argv, leaf):
@@ -127,23 +123,26 @@ def load_config():
 HEARTBEAT_TIMEOUT_S = 20
 
 
-def init_distributed():
-  """Connects the processes of a multi-host run, before any device is touched."""
+def _join(*args, **kwargs):
+  """jax.distributed.initialize with this run's heartbeat timeout; records whether this
+  process is now one of several (fail() then leaves at once)."""
   global _JOINED
   import jax
+  jax.distributed.initialize(*args, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, **kwargs)
+  _JOINED = jax.process_count() > 1
+
+
+def init_distributed():
+  """Connects the processes of a multi-host run, before any device is touched."""
   if _COORDINATOR.value:
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
       fail('--coordinator_address needs --num_processes and --process_id')
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+    _join(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     try:
-      jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+      _join()
     except (ValueError, RuntimeError) as e:
       fail(f'--distributed: {_first_line(e)}')
-  else:
-    return
-  _JOINED = jax.process_count() > 1
 
 
 def main(argv):

@@ -7,7 +7,7 @@ import importlib.util
 import ml_collections
 from ml_collections import config_dict
 
-from cnnjax import models, optim
+from cnnjax import models, optim, train
 from cnnjax.errors import UserError
 
 
@@ -92,8 +92,9 @@ def validate(c):
        f'optimizer={c.optimizer!r} is not one of {", ".join(optim.OPTIMIZERS)}')
   need(c.schedule in optim.SCHEDULES,
        f'schedule={c.schedule!r} is not one of {", ".join(optim.SCHEDULES)}')
-  need(c.weight_loss_on in ('kernels', 'all'),
-       f"weight_loss_on must be 'kernels' or 'all', got {c.weight_loss_on!r}")
+  need(c.weight_loss_on in train.WEIGHT_LOSS_ON,
+       f'weight_loss_on must be one of {", ".join(train.WEIGHT_LOSS_ON)}, '
+       f'got {c.weight_loss_on!r}')
   need(0 <= c.ema_decay < 1, f'ema_decay must be in [0, 1), got {c.ema_decay}')
   need(c.get('progress', 'auto') in ('auto', 'bar', 'lines'),
        f"progress must be 'auto', 'bar' or 'lines', got {c.get('progress')!r}")

@@ -2,7 +2,7 @@
 
 Only process 0 reports. metrics.jsonl holds one JSON object per logged train step
 ({"kind": "train", "step", "loss", "learning_rate", "examples_per_sec", "sec_per_batch",
-"wall_time"}) and per evaluation ({"kind": "eval", "step", "precision", "correct",
+"cross_entropy", "wall_time"}) and per evaluation ({"kind": "eval", "step", "precision", "correct",
 "count", "loss", "wall_time"}); train steps are numbered as on the console (the step
 taken), evaluations by the number of steps trained. A resumed run first drops what the
 checkpoint does not cover, so the history continues without duplicates.
@@ -100,8 +100,7 @@ class Reporter:
     if self.bar is not None:
       self.bar.update(steps)
 
-  def train(self, step, loss, learning_rate, examples_per_sec, sec_per_batch,
-            cross_entropy=None):
+  def train(self, step, loss, learning_rate, examples_per_sec, sec_per_batch, cross_entropy):
     if not self.enabled:
       return
     if self.bar is not None:
@@ -109,11 +108,10 @@ class Reporter:
                            refresh=False)
     else:
       self.message(LOG_FORMAT % (step, loss, examples_per_sec, sec_per_batch))
-    record = dict(kind='train', step=step, loss=loss, learning_rate=learning_rate,
-                  examples_per_sec=examples_per_sec, sec_per_batch=sec_per_batch)
-    if cross_entropy is not None:  # the loss without its weight losses
-      record['cross_entropy'] = cross_entropy
-    self._record(record)
+    # cross_entropy: the loss without its weight losses.
+    self._record(dict(kind='train', step=step, loss=loss, learning_rate=learning_rate,
+                      examples_per_sec=examples_per_sec, sec_per_batch=sec_per_batch,
+                      cross_entropy=cross_entropy))
 
   def eval(self, step, result):
     if not self.enabled:
