@@ -45,7 +45,7 @@ def timed(fn, steps):
 
 def compare(recipe, steps, rounds, warmup):
   config = config_lib.load_file(ROOT / 'configs' / f'{RECIPES[recipe]}.py')
-  ours = bench.Synthetic(config)
+  ours = bench.Synthetic(config, steps_per_call=1)  # one step per call, as TF's
   images = tf.constant(ours.host_batch['image'])
   labels = tf.constant(ours.host_batch['label'])
   theirs = tf_reference.TrainStep(config, (ours.size, ours.size, ours.channels), ours.classes)

@@ -66,9 +66,8 @@ def main():
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--top', type=int, default=40)
   args = parser.parse_args()
-  s = bench.Synthetic(config_lib.load_file(args.config))
-  described = describe_instructions(
-      s._step.lower(s.state, s.batch_data).compile().as_text())
+  s = bench.Synthetic(config_lib.load_file(args.config), steps_per_call=1)
+  described = describe_instructions(s.compiled_text())
   for _ in range(5):
     s.train_once()
   jax.block_until_ready(s.train_once())

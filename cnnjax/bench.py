@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import config as config_lib, kernels, models, parallel, state as state_lib
+from cnnjax import config as config_lib, feed, kernels, models, parallel, state as state_lib
 from cnnjax.report import log
 from cnnjax.errors import UserError
 
@@ -35,19 +35,22 @@ def input_spec(config):
           b.num_classes or classes)
 
 
-def time_run(name, fn, burn_in, steps, batch_size):
-  """The seed's time_tensorflow_run: per-step wall time after burn-in, each step waited for."""
+def time_run(name, fn, burn_in, steps, batch_size, steps_per_call=1):
+  """The seed's time_tensorflow_run: per-step wall time after burn-in, each call waited
+  for; a call of fn runs `steps_per_call` steps (one dispatch), timed as that many."""
+  calls, burn_in = max(1, steps // steps_per_call), -(-burn_in // steps_per_call)
   durations = []
-  for i in range(burn_in + steps):
+  for i in range(burn_in + calls):
     start = time.perf_counter()
     jax.block_until_ready(fn())
-    duration = time.perf_counter() - start
+    duration = (time.perf_counter() - start) / steps_per_call
     if i >= burn_in:
       durations.append(duration)
-      if (i - burn_in) % 10 == 0:
-        log(f'{datetime.datetime.now()}: step {i - burn_in}, duration = {duration:.3f}')
+      step = (i - burn_in) * steps_per_call
+      if step % 10 < steps_per_call:
+        log(f'{datetime.datetime.now()}: step {step}, duration = {duration:.3f}')
   mean, std = float(np.mean(durations)), float(np.std(durations))
-  log(f'{datetime.datetime.now()}: {name} across {steps} steps, '
+  log(f'{datetime.datetime.now()}: {name} across {calls * steps_per_call} steps, '
            f'{mean:.3f} +/- {std:.3f} sec / batch ({mean * 1e3:.2f} ms; '
            f'{batch_size / mean:.1f} examples/sec)')
   return {'mean': mean, 'std': std, 'examples_per_sec': batch_size / mean}
@@ -56,11 +59,12 @@ def time_run(name, fn, burn_in, steps, batch_size):
 class Synthetic:
   """A recipe's real state and jitted steps on one synthetic batch (no dataset needed).
 
-  `train_once()` runs the real train_step (augmentation, loss, weight losses,
-  optimizer update, EMA) on a uint8 batch; `forward()` the model alone.
+  `train_once()` runs the real train steps (augmentation, loss, weight losses,
+  optimizer update, EMA) on a uint8 batch, `steps_per_call` of them in one dispatch
+  (default: config.steps_per_dispatch), as training does; `forward()` the model alone.
   """
 
-  def __init__(self, config):
+  def __init__(self, config, steps_per_call=None):
     config_lib.validate(config)
     self.batch, self.size, self.channels, self.classes = input_spec(config)
     mesh = parallel.make_mesh()
@@ -77,7 +81,10 @@ class Synthetic:
     self.host_batch = {
         'image': rng.integers(0, 256, (self.batch, *image_shape), dtype=np.uint8),
         'label': rng.integers(0, self.classes, self.batch).astype(np.int32)}
-    self.batch_data = parallel.put_batch(self.host_batch, sharded)
+    self.steps_per_call = steps_per_call or config.steps_per_dispatch
+    self.inputs = parallel.put_batch(
+        {k: np.stack([v] * self.steps_per_call) for k, v in self.host_batch.items()},
+        feed.steps_sharding(mesh))
     self.images = jax.device_put(jnp.asarray(rng.normal(size=(self.batch, *shape)), jnp.float32),
                                  sharded)
     self.variables = {'params': self.state.params}
@@ -85,25 +92,31 @@ class Synthetic:
       self.variables['batch_stats'] = self.state.batch_stats
     apply_fn = self.state.apply_fn
     self._forward = jax.jit(lambda v, x: apply_fn(v, x, train=False), out_shardings=sharded)
-    self._step = state_lib.jit_train_step(config, self.state.params, replicated)
+    self._steps = state_lib.jit_train_steps(config, self.state.params, replicated,
+                                            feed.HostFeed.fetch)
 
   def forward(self):
     return self._forward(self.variables, self.images)
 
   def train_once(self):
-    self.state, metrics = self._step(self.state, self.batch_data)
-    return metrics['loss']
+    self.state, metrics = self._steps(self.state, self.inputs, None)
+    return metrics['loss'][-1]
+
+  def compiled_text(self):
+    """The compiled train steps' HLO (benchmarks/profile_step.py, tests)."""
+    return self._steps.lower(self.state, self.inputs, None).compile().as_text()
 
 
 def run(config):
   s = Synthetic(config)
   log(f'bench: {config.model}, {models.param_count(s.state.params):,} parameters, '
            f'batch {s.batch} of {s.size}x{s.size}x{s.channels}, {jax.device_count()} x '
-           f'{jax.devices()[0].device_kind}; kernels: {kernels.describe()}')
+           f'{jax.devices()[0].device_kind}; {s.steps_per_call} train step(s) per dispatch; '
+           f'kernels: {kernels.describe()}')
   b = config.bench
   results = {'forward': time_run('Forward', s.forward, b.burn_in, b.steps, s.batch)}
   results['forward_backward'] = time_run('Forward-backward', s.train_once, b.burn_in, b.steps,
-                                         s.batch)
+                                         s.batch, s.steps_per_call)
   if not math.isfinite(float(s.train_once())):
     raise UserError('bench: the loss became non-finite on synthetic data')
   return results

@@ -7,7 +7,7 @@ import importlib.util
 import ml_collections
 from ml_collections import config_dict
 
-from cnnjax import models, optim, train
+from cnnjax import feed, models, optim, train
 from cnnjax.errors import UserError
 
 
@@ -26,9 +26,17 @@ def base_config():
   c.input_shards = 0
   c.batch_size = 128
   c.eval_batch_size = 256
+  # Where the train batches are gathered: 'true' puts the uint8 train split on the devices
+  # once and gathers each batch there; 'false' gathers on the host and sends each batch;
+  # 'auto' is 'true' where each device's part fits feed.DEVICE_MEMORY_FRACTION of its
+  # memory (accelerators; the CPU reports none, so 'false'). Same batches either way.
+  c.data_on_device = 'auto'
   # Loop.
   c.num_train_steps = 3000
   c.log_every = 10
+  # Train steps per dispatch: this many run in one jitted lax.scan (fewer where an
+  # evaluation, checkpoint or the end comes first). Same result for any value.
+  c.steps_per_dispatch = 10
   c.eval_every = 1000  # 0: evaluate only at the end
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
@@ -83,7 +91,8 @@ def validate(c):
     if not ok:
       raise UserError(f'bad config: {message}')
   need(c.model in models.names(), f'model={c.model!r} is not one of {", ".join(models.names())}')
-  for field in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints'):
+  for field in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
+                'steps_per_dispatch'):
     need(c[field] > 0, f'{field} must be positive, got {c[field]}')
   for field in ('num_train_steps', 'eval_every', 'checkpoint_every', 'input_shards'):
     need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
@@ -96,6 +105,8 @@ def validate(c):
        f'weight_loss_on must be one of {", ".join(train.WEIGHT_LOSS_ON)}, '
        f'got {c.weight_loss_on!r}')
   need(0 <= c.ema_decay < 1, f'ema_decay must be in [0, 1), got {c.ema_decay}')
+  need(c.data_on_device in feed.SETTINGS,
+       f"data_on_device must be 'auto', 'true' or 'false', got {c.data_on_device!r}")
   need(c.get('progress', 'auto') in ('auto', 'bar', 'lines'),
        f"progress must be 'auto', 'bar' or 'lines', got {c.get('progress')!r}")
   need(c.augment.train_crop in ('random', 'central'),

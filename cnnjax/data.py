@@ -123,12 +123,16 @@ class TrainShards:
   shard_batch: int
   steps_per_epoch: int
 
-  def batch(self, seed, step):
-    """This process's part of the global batch for `step` (remainders dropped per epoch)."""
+  def rows(self, seed, step):
+    """For each of this process's shards, the positions in it of its examples in `step`'s
+    batch (remainders dropped per epoch)."""
     epoch, i = divmod(step, self.steps_per_epoch)
-    parts = [(sh, _permutation(len(sh), seed, epoch, sid)[i * self.shard_batch:
-                                                          (i + 1) * self.shard_batch])
-             for sh, sid in zip(self.shards, self.ids)]
+    return [_permutation(len(sh), seed, epoch, sid)[i * self.shard_batch:(i + 1) * self.shard_batch]
+            for sh, sid in zip(self.shards, self.ids)]
+
+  def batch(self, seed, step):
+    """This process's part of the global batch for `step`, in shard order."""
+    parts = list(zip(self.shards, self.rows(seed, step)))
     return {'image': np.concatenate([sh.images[idx] for sh, idx in parts]),
             'label': np.concatenate([sh.labels[idx] for sh, idx in parts])}
 

@@ -9,8 +9,8 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import (checkpoint, config as config_lib, data, kernels, models, parallel, plots,
-                    state as state_lib, workdir as workdir_lib)
+from cnnjax import (checkpoint, config as config_lib, data, feed, kernels, models, parallel,
+                    plots, state as state_lib, workdir as workdir_lib)
 from cnnjax.errors import UserError
 from cnnjax.report import Reporter, log
 
@@ -42,9 +42,12 @@ class Trainer:
             self.eval_split.images.shape[1:], self.replicated)
     if for_training:
       self.model, self.learning_rate, self.state = state_lib.initial_state(*args)
+      self.feed = feed.make(config.data_on_device, self.train_data, config.seed, self.mesh)
+      self.train_steps = state_lib.jit_train_steps(config, self.state.params, self.replicated,
+                                                   self.feed.fetch)
     else:  # a checkpoint will fill it: its shapes and shardings are enough, nothing computed
       self.state = state_lib.abstract_state(*args)
-    self.train_step = state_lib.jit_train_step(config, self.state.params, self.replicated)
+      self.feed = None
     self.eval_step = state_lib.jit_eval_step(config, self.replicated)
 
   def describe(self):
@@ -57,6 +60,8 @@ class Trainer:
     num_train = data.num_examples(self.builder, c.train_split)
     log(f'data: {c.dataset} {c.train_split}={num_train:,} examples, '
         f'{c.eval_split}={self.eval_total:,} examples')
+    if self.feed:
+      log(f'input: {self.feed.description}; {c.steps_per_dispatch} step(s) per dispatch')
 
   def evaluate(self, state):
     """Precision @ 1 over exactly the examples of the eval split, on every device."""
@@ -72,9 +77,12 @@ class Trainer:
     return {'precision': totals['correct'] / count, 'correct': totals['correct'],
             'count': count, 'loss': totals['loss_sum'] / count}
 
-  def train_batch(self, step):
-    batch = self.train_data.batch(self.config.seed, step)
-    return parallel.put_batch(batch, self.batch_sharding)
+  def train(self, state, start, end, inputs=None):
+    """Train steps start..end-1 in one dispatch (asynchronous): (state, each step's
+    metrics stacked). `inputs`: the feed's inputs for those steps, if already sent."""
+    if inputs is None:
+      inputs = self.feed.inputs(start, end)
+    return self.train_steps(state, inputs, self.feed.data)
 
 
 class StopSignals:
@@ -147,54 +155,99 @@ def evaluate_checkpoint(config, workdir, step=None):
   return _report_eval(trainer, state, step, Reporter())
 
 
+def group_end(step, config):
+  """Where the dispatch group starting at `step` ends: steps_per_dispatch (K) steps from a
+  multiple of K, unless an evaluation, a checkpoint or the last step comes first; then
+  one step. So those happen at exactly their steps whatever K is, and only two group
+  lengths, K and 1, are ever compiled."""
+  k = config.steps_per_dispatch
+  end = step + k
+  boundaries = [(step // every + 1) * every for every in (config.eval_every,
+                                                          config.checkpoint_every) if every]
+  if step % k or end > config.num_train_steps or any(b < end for b in boundaries):
+    return step + 1
+  return end
+
+
+class _Metrics:
+  """Reads each group's per-step metrics one group late (the device never waits for the
+  host): checks every step's loss is finite and writes the log lines of its steps."""
+
+  def __init__(self, trainer, reporter, step):
+    self.trainer, self.reporter = trainer, reporter
+    self.pending = None
+    self.restart_clock(step)
+
+  def restart_clock(self, step):  # examples/sec counts from here (e.g. after an evaluation)
+    self.last_time, self.last_step = time.perf_counter(), step
+
+  def add(self, start, end, metrics):
+    self.flush()
+    self.pending = (start, end, metrics)
+
+  def flush(self):
+    if self.pending is None:
+      return
+    (start, end, metrics), self.pending = self.pending, None
+    losses = np.asarray(metrics['loss'])  # blocks until the group is done: its time is real
+    now = time.perf_counter()
+    for offset in np.flatnonzero(~np.isfinite(losses))[:1]:
+      raise UserError(f'loss is {losses[offset]} at step {start + offset}; stopped without '
+                      'checkpointing this state')
+    config = self.trainer.config
+    logged = [s for s in range(start, end) if s % config.log_every == 0]  # steps 0, 10, 20...
+    if not logged:
+      return
+    sec_per_batch = (now - self.last_time) / (end - self.last_step)
+    cross_entropy = np.asarray(metrics['cross_entropy'])
+    for s in logged:
+      self.reporter.train(s, float(losses[s - start]),
+                          float(self.trainer.learning_rate(s)), config.batch_size / sec_per_batch,
+                          sec_per_batch, float(cross_entropy[s - start]))
+    self.restart_clock(end)
+
+
 def _loop(trainer, state, ckpt, stop, reporter):
-  """Trains from `state` to config.num_train_steps or a stop; returns (state, result)."""
+  """Trains from `state` to config.num_train_steps or a stop; returns (state, result).
+
+  Steps run in groups of up to steps_per_dispatch (group_end); while a group runs,
+  the next group's inputs go to the devices and the previous group's metrics are read.
+  """
   config = trainer.config
-  start = int(state.step)
-  last_time, last_step = time.perf_counter(), start
-  pending = None  # the previous step's metrics: checked one step late, so the device never idles
+  step = int(state.step)
+  metrics = _Metrics(trainer, reporter, step)
   any_process = parallel.AnyProcess(trainer.mesh)
-  for step in range(start, config.num_train_steps):
-    state, metrics = trainer.train_step(state, trainer.train_batch(step))
-    reporter.advance()
-    if pending is not None:
-      _finite_loss(*pending)
-    pending = (metrics, step)
-    done = step + 1
-    if step % config.log_every == 0:  # the seeds log steps 0, 10, 20, ...
-      loss = _finite_loss(metrics, step)  # blocks: the interval's time is real compute
-      now = time.perf_counter()
-      sec_per_batch = (now - last_time) / (done - last_step)
-      reporter.train(step, loss, float(trainer.learning_rate(step)),
-                     config.batch_size / sec_per_batch, sec_per_batch,
-                     float(metrics['cross_entropy']))
-      last_time, last_step = now, done
-    if config.eval_every and done % config.eval_every == 0 and done != config.num_train_steps:
-      _report_eval(trainer, state, done, reporter)
-      last_time, last_step = time.perf_counter(), done  # keep eval out of examples/sec
+  inputs = None
+  while step < config.num_train_steps:
+    end = group_end(step, config)
+    state, group_metrics = trainer.train(state, step, end, inputs)
+    reporter.advance(end - step)
+    inputs = (trainer.feed.inputs(end, group_end(end, config))
+              if end < config.num_train_steps else None)
+    metrics.add(step, end, group_metrics)
+    step = end
     # Every process stops at the same step, whichever of them got the signal.
     stopping = any_process(stop.received is not None)
-    if (config.checkpoint_every and done % config.checkpoint_every == 0) or stopping:
-      _finite_loss(metrics, step)  # never checkpoint a diverged state
-      ckpt.save(done, state)
+    evaluating = config.eval_every and step % config.eval_every == 0 and (
+        step != config.num_train_steps)
+    saving = (config.checkpoint_every and step % config.checkpoint_every == 0) or stopping
+    if evaluating or saving:
+      metrics.flush()  # never evaluate or checkpoint a diverged state
+    if evaluating:
+      _report_eval(trainer, state, step, reporter)
+      metrics.restart_clock(step)  # keep evaluation out of examples/sec
+    if saving:
+      ckpt.save(step, state)
     if stopping:
       ckpt.wait()
       received = stop.received or 'a signal to another process'
-      reporter.message(f'stopped by {received} after step {done}; checkpoint written')
-      return state, {'step': done, 'stopped': received}
-  if pending is not None:
-    _finite_loss(*pending)
+      reporter.message(f'stopped by {received} after step {step}; checkpoint written')
+      return state, {'step': step, 'stopped': received}
+  metrics.flush()
   final_step = int(state.step)
   if ckpt.latest_step() != final_step:
     ckpt.save(final_step, state)
   return state, _report_eval(trainer, state, final_step, reporter)
-
-
-def _finite_loss(metrics, step):
-  loss = float(metrics['loss'])
-  if not np.isfinite(loss):
-    raise UserError(f'loss is {loss} at step {step}; stopped without checkpointing this state')
-  return loss
 
 
 def _report_eval(trainer, state, step, reporter):

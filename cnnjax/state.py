@@ -48,11 +48,13 @@ def abstract_state(config, num_classes, num_train, image_shape, sharding):
                       shapes)
 
 
-def jit_train_step(config, params, sharding):
-  """train.train_step with the config's static settings bound, jitted; it donates the
-  state it is given (its buffers become the new state's)."""
+def jit_train_steps(config, params, sharding, fetch):
+  """train.train_steps with the config's static settings bound, jitted: steps(state,
+  inputs, data) runs one train step per entry of `inputs`, each batch from
+  fetch(data, input) (feed.py). It donates the state it is given (its buffers become
+  the new state's); each length of `inputs` compiles once."""
   return jax.jit(
-      functools.partial(train.train_step, augment_cfg=config.augment.lock(),
+      functools.partial(train.train_steps, fetch=fetch, augment_cfg=config.augment.lock(),
                         weight_loss_terms=weight_loss_terms(config, params),
                         weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay),
       out_shardings=(sharding, sharding), donate_argnums=0)

@@ -116,6 +116,19 @@ def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_
   return new_state, metrics
 
 
+def train_steps(state: TrainState, inputs, data, *, fetch, **step_settings):
+  """train_step once per entry of `inputs` (stacked on a leading step axis), in one lax.scan.
+
+  fetch(data, input) gives each step's batch (feed.py). A scan of any length runs the
+  same compiled step body, so K steps per dispatch train exactly as K dispatches of
+  one (XLA compiles a loop body and a lone step differently, so the lone step would
+  not). Returns the final state and each step's metrics, stacked.
+  """
+  def body(state, step_input):
+    return train_step(state, fetch(data, step_input), **step_settings)
+  return jax.lax.scan(body, state, inputs)
+
+
 def eval_logits(state: TrainState, images, *, augment_cfg):
   """Logits of uint8 images under the recipe's evaluation preprocessing.
 

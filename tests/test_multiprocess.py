@@ -26,19 +26,23 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start(num_processes, process_id, port, workdir, out):
+def start(num_processes, process_id, port, workdir, out, extra=()):
   env = {**os.environ, 'PYTHONPATH': str(ROOT)}
   env.pop('XLA_FLAGS', None)  # one CPU device per process
   return subprocess.Popen(
       [sys.executable, 'tests/multiprocess_worker.py', f'127.0.0.1:{port}', str(num_processes),
-       str(process_id), str(workdir), str(out), *OVERRIDES],
+       str(process_id), str(workdir), str(out), *OVERRIDES, *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_two_processes_train_like_one(tmp_path):
   port = free_port()
-  procs = [start(2, i, port, tmp_path / 'two', tmp_path / f'two_{i}.npz') for i in range(2)]
-  single = start(1, 0, free_port(), tmp_path / 'one', tmp_path / 'one.npz')
+  # The two processes feed from data on their devices, two steps per dispatch; the one
+  # process from host batches, one step per dispatch.
+  procs = [start(2, i, port, tmp_path / 'two', tmp_path / f'two_{i}.npz',
+                 ['data_on_device=true', 'steps_per_dispatch=2']) for i in range(2)]
+  single = start(1, 0, free_port(), tmp_path / 'one', tmp_path / 'one.npz',
+                 ['data_on_device=false', 'steps_per_dispatch=1'])
   outputs = [p.communicate(timeout=600) for p in (*procs, single)]
   for p, (out, err) in zip((*procs, single), outputs):
     assert p.returncode == 0, err[-3000:]
@@ -64,7 +68,8 @@ def test_two_processes_train_like_one(tmp_path):
 # Through run.py and the README's flags: two processes, one CPU device each.
 RUN = dict(train_split='train[:512]', eval_split='test[:64]', batch_size=32, eval_batch_size=32,
            log_every=1, eval_every=0, checkpoint_every=1000, num_train_steps=30, optimizer='sgd',
-           learning_rate=0.05, input_shards=2, progress='lines')
+           learning_rate=0.05, input_shards=2, progress='lines',
+           steps_per_dispatch=2)  # 15 dispatches: a signal lands mid-run
 
 
 def start_process(process_id, port, workdir, log, *extra):

@@ -131,7 +131,7 @@ import re, sys
 from cnnjax import bench, kernels
 from tests.conftest import small_config
 s = bench.Synthetic(small_config(batch_size=32))
-hlo = s._step.lower(s.state, s.batch_data).compile().as_text()
+hlo = s.compiled_text()
 calls = re.findall(r'= (\\(?f32\\[\\d+)[^=]*? custom-call\\(.*custom_call_target="(cnnjax_\\w+)"', hlo)
 print(kernels.describe())
 for shape, target in calls:
