@@ -75,7 +75,8 @@ class Synthetic:
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     image_shape = (self.size, self.size, self.channels)
     # 50,000: a nominal train-set size, for schedules counted in epochs.
-    _, _, self.state = state_lib.initial_state(config, self.classes, 50000, image_shape, replicated)
+    _, learning_rate, self.state = state_lib.initial_state(config, self.classes, 50000,
+                                                           image_shape, replicated)
     shape = state_lib.input_shape(config, image_shape)
     rng = np.random.default_rng(0)
     self.host_batch = {
@@ -93,7 +94,7 @@ class Synthetic:
     apply_fn = self.state.apply_fn
     self._forward = jax.jit(lambda v, x: apply_fn(v, x, train=False), out_shardings=sharded)
     self._steps = state_lib.jit_train_steps(config, self.state.params, replicated,
-                                            feed.HostFeed.fetch)
+                                            feed.HostFeed.fetch, learning_rate)
 
   def forward(self):
     return self._forward(self.variables, self.images)

@@ -44,7 +44,7 @@ class Trainer:
       self.model, self.learning_rate, self.state = state_lib.initial_state(*args)
       self.feed = feed.make(config.data_on_device, self.train_data, config.seed, self.mesh)
       self.train_steps = state_lib.jit_train_steps(config, self.state.params, self.replicated,
-                                                   self.feed.fetch)
+                                                   self.feed.fetch, self.learning_rate)
     else:  # a checkpoint will fill it: its shapes and shardings are enough, nothing computed
       self.state = state_lib.abstract_state(*args)
       self.feed = None
@@ -199,11 +199,13 @@ class _Metrics:
     if not logged:
       return
     sec_per_batch = (now - self.last_time) / (end - self.last_step)
-    cross_entropy = np.asarray(metrics['cross_entropy'])
+    # From the group's own outputs: a computation of the host's (a schedule evaluated
+    # here) would queue behind the group running now, and the host would wait for it.
+    cross_entropy, rate = (np.asarray(metrics[k]) for k in ('cross_entropy', 'learning_rate'))
     for s in logged:
-      self.reporter.train(s, float(losses[s - start]),
-                          float(self.trainer.learning_rate(s)), config.batch_size / sec_per_batch,
-                          sec_per_batch, float(cross_entropy[s - start]))
+      self.reporter.train(s, float(losses[s - start]), float(rate[s - start]),
+                          config.batch_size / sec_per_batch, sec_per_batch,
+                          float(cross_entropy[s - start]))
     self.restart_clock(end)
 
 

@@ -48,15 +48,17 @@ def abstract_state(config, num_classes, num_train, image_shape, sharding):
                       shapes)
 
 
-def jit_train_steps(config, params, sharding, fetch):
+def jit_train_steps(config, params, sharding, fetch, learning_rate):
   """train.train_steps with the config's static settings bound, jitted: steps(state,
   inputs, data) runs one train step per entry of `inputs`, each batch from
-  fetch(data, input) (feed.py). It donates the state it is given (its buffers become
-  the new state's); each length of `inputs` compiles once."""
+  fetch(data, input) (feed.py), and reports each step's `learning_rate` (the schedule)
+  among its metrics. It donates the state it is given (its buffers become the new
+  state's); each length of `inputs` compiles once."""
   return jax.jit(
       functools.partial(train.train_steps, fetch=fetch, augment_cfg=config.augment.lock(),
                         weight_loss_terms=weight_loss_terms(config, params),
-                        weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay),
+                        weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay,
+                        learning_rate_fn=learning_rate),
       out_shardings=(sharding, sharding), donate_argnums=0)
 
 

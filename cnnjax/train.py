@@ -96,8 +96,12 @@ def ema_update(ema_params, params, step, decay):
 
 
 def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_loss_terms,
-               weight_loss_on='kernels', ema_decay=0.0):
-  """One optimizer step on a uint8 batch; augmentation and dropout keyed by (rng, step)."""
+               weight_loss_on='kernels', ema_decay=0.0, learning_rate_fn=None):
+  """One optimizer step on a uint8 batch; augmentation and dropout keyed by (rng, step).
+
+  learning_rate_fn: the optimizer's schedule, to report the step's rate among the
+  metrics (computed here, the host never has to queue a computation of its own).
+  """
   key = jax.random.fold_in(state.rng, state.step)
   images = augment.preprocess(key, batch['image'], augment_cfg, train=True)
   dropout_key = jax.random.fold_in(key, 1)
@@ -113,6 +117,8 @@ def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_
       'cross_entropy': ce,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
   }
+  if learning_rate_fn is not None:
+    metrics['learning_rate'] = learning_rate_fn(state.step)
   return new_state, metrics
 
 

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, feed, loop
+from cnnjax import checkpoint, feed, loop, optim
 from cnnjax.errors import UserError
-from tests.conftest import ROOT, SMALL_RUN, as_flags, restore, run_py, small_config
+from tests.conftest import (ROOT, SMALL_RUN, as_flags, recipe_config, restore, run_py,
+                             small_config)
 
 # Intervals that K = 10 does not divide: groups are cut at the checkpoint and the end.
 RUN = dict(SMALL_RUN, batch_size=32, log_every=3, eval_every=0, checkpoint_every=20,
@@ -91,6 +92,24 @@ def test_resume_in_the_middle_of_a_dispatch_group_is_exact(tmp_path, one_device_
   result = loop.train_and_evaluate(config(**VARIANTS['ten steps, data on device']),
                                    str(tmp_path))
   assert same_arrays(result['state'], reference)
+
+
+def test_log_lines_report_each_steps_rate_and_time_their_groups_by_the_wall_clock(tmp_path):
+  # Recipe C's decaying schedule, decayed every 15 steps so that 40 steps show it.
+  c = recipe_config('cifar_tutorial', **dict(RUN, decay_steps=15, log_every=10,
+                                             checkpoint_every=0, steps_per_dispatch=10))
+  loop.train_and_evaluate(c, str(tmp_path))
+  records = [r for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())
+             if r['kind'] == 'train']
+  assert [r['step'] for r in records] == [0, 10, 20, 30]
+  schedule = optim.learning_rate_fn(c, 256)
+  assert [r['learning_rate'] for r in records] == pytest.approx(
+      [float(schedule(r['step'])) for r in records])
+  assert len({r['learning_rate'] for r in records}) == 3  # it did decay
+  # Each line's sec/batch is its group's: the lines are 10 such steps apart in time.
+  for before, line in zip(records, records[1:]):
+    assert line['wall_time'] - before['wall_time'] == pytest.approx(
+        10 * line['sec_per_batch'], rel=0.3, abs=0.02)
 
 
 def test_non_finite_loss_inside_a_group_names_its_step_and_saves_nothing_after(tmp_path):
