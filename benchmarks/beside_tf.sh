@@ -2,8 +2,9 @@
 # One recipe trained by cnnjax and by its TF reference (benchmarks/tf_reference.py) for
 # the same number of steps, one after the other, each timed by /usr/bin/time (issue 11;
 # results: docs/RESULTS.md, "Every recipe beside its TensorFlow reference").
-# cnnjax checkpoints into runs/<recipe>_<steps>_s<seed>: re-running resumes it, so a long
-# run can be stopped with SIGTERM and continued by running the same command again.
+# cnnjax checkpoints into runs/<recipe>_<steps>_s<seed>, the TF reference into
+# runs/<recipe>_<steps>_s<seed>_tf: re-running resumes either, so a long run can be
+# stopped with SIGTERM and continued by running the same command again.
 # Logs: runs/logs/<recipe>_<steps>_s<seed>.{cnnjax,tf}.log
 # Usage: bash benchmarks/beside_tf.sh RECIPE STEPS [SEED] [cnnjax|tf|both]
 set -eu
@@ -19,5 +20,5 @@ if [ "$which" != tf ]; then
 fi
 if [ "$which" != cnnjax ]; then
   /usr/bin/time -f 'wall %e s' $PY benchmarks/tf_reference.py --config configs/$recipe.py \
-      --steps $steps --seed $seed > runs/logs/$name.tf.log 2>&1
+      --steps $steps --seed $seed --checkpoint_dir runs/${name}_tf >> runs/logs/$name.tf.log 2>&1
 fi

@@ -4,11 +4,13 @@ As a module: TrainStep, the peer in benchmarks/cpu_vs_tf.py. As a script, a TF2
 port of the seeds' whole training scripts (seed 003's cifar10 script for Recipe A):
 
     python benchmarks/tf_reference.py --config configs/cifar_lrn.py [--steps N] [--seed S]
+        [--checkpoint_dir DIR [--checkpoint_every 1000]]
 
 reads the same TFDS data, augments each image on the host with the tf.image ops in a
 parallel tf.data pipeline (as cifar10_input.distorted_inputs' 16 threads), trains
 with the seed's log line every log_every steps and evaluates precision @ 1 on exactly
-the eval split. Results: docs/RESULTS.md.
+the eval split. With --checkpoint_dir it saves there and resumes from there (SIGTERM
+or SIGINT saves and stops), for schedules longer than a session. Results: docs/RESULTS.md.
 
 Each recipe's step is written the way the seeds' TF 1.x code computes it (tf.nn
 convolutions, max pools and LRN, the tf.image augmentations on 0-255 float
@@ -334,8 +336,16 @@ def distort(image, cfg):
   return tf.image.per_image_standardization(x) if cfg.scale == 'standardize' else x / 255.0
 
 
-def train_and_evaluate(config, steps, seed):
-  """The seed's script in TF2: tf.data augmentation, train, log, evaluate."""
+def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_every=1000):
+  """The seed's script in TF2: tf.data augmentation, train, log, evaluate.
+
+  With `checkpoint_dir`, the step, variables, optimizer slots, weight averages and the
+  input iterator (its shuffle buffer and position) are saved there every
+  `checkpoint_every` steps and on SIGTERM/SIGINT, and a later call resumes from them
+  (the augmentation's random draws are not saved: a resumed run is the same recipe, not
+  the same bits). Returns the precision, or None when a signal stopped it.
+  """
+  import signal
   import time
 
   import numpy as np
@@ -346,24 +356,51 @@ def train_and_evaluate(config, steps, seed):
   num_train = info.splits[config.train_split].num_examples
   shape = info.features['image'].shape
   cfg = config.augment
+  options = tf.data.Options()
+  # The tf.image ops' random state lives outside the pipeline: checkpoint without it.
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   train = (builder.as_dataset(split=config.train_split, as_supervised=True)
            .shuffle(20000, seed=seed).repeat()
            .map(lambda x, y: (distort(x, cfg), tf.cast(y, tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE)
-           .batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+           .batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+           .with_options(options))
+  batches = iter(train)
   step_fn = TrainStep(config, shape, info.features['label'].num_classes, num_train, seed,
                       augment_in_step=False)
+  manager = None
+  if checkpoint_dir:
+    saved = tf.train.Checkpoint(step=step_fn.step, variables=list(step_fn.params.variables.values()),
+                                slots=step_fn.slots, ema=step_fn.ema or [], data=batches)
+    manager = tf.train.CheckpointManager(saved, checkpoint_dir, max_to_keep=2)
+    if manager.latest_checkpoint:
+      saved.restore(manager.latest_checkpoint).assert_consumed()
+      print(f'resumed from {manager.latest_checkpoint} at step {int(step_fn.step)}', flush=True)
+  received = []
+  handlers = {sig: signal.signal(sig, lambda signum, _: received.append(signal.Signals(signum).name))
+              for sig in (signal.SIGTERM, signal.SIGINT)}
+  first = last_step = int(step_fn.step)
   start = time.perf_counter()
   last = start
-  for step, (images, labels) in enumerate(train.take(steps)):
+  for step in range(first, steps):
+    images, labels = next(batches)
     loss, ce = step_fn(images, labels)
     if step % config.log_every == 0:
       loss_value = float(loss)
       now = time.perf_counter()
-      duration = (now - last) / (config.log_every if step else 1)
-      last = now
+      duration = (now - last) / (step + 1 - last_step)  # the steps since the previous line
+      last, last_step = now, step + 1
       print(f'step {step}, loss = {loss_value:.2f} ({config.batch_size / duration:.1f} '
             f'examples/sec; {duration:.3f} sec/batch); cross-entropy {float(ce):.4f}', flush=True)
+    done = step + 1
+    if manager and (done % checkpoint_every == 0 or received):
+      manager.save(checkpoint_number=done)
+    if received:
+      print(f'stopped by {received[0]} after step {done}'
+            + ('; checkpoint written' if manager else ''), flush=True)
+      return None
+  for sig, handler in handlers.items():
+    signal.signal(sig, handler)
   train_time = time.perf_counter() - start
 
   test = (builder.as_dataset(split=config.eval_split, as_supervised=True).batch(500)
@@ -386,10 +423,13 @@ def main():
   parser.add_argument('--config', required=True)
   parser.add_argument('--steps', type=int, default=0, help='default: the config\'s num_train_steps')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--checkpoint_dir', help='save there, and resume from there')
+  parser.add_argument('--checkpoint_every', type=int, default=1000)
   args = parser.parse_args()
   config = config_lib.load_file(args.config)
   print(f'tensorflow {tf.__version__}: {config.recipe}', flush=True)
-  train_and_evaluate(config, args.steps or config.num_train_steps, args.seed)
+  train_and_evaluate(config, args.steps or config.num_train_steps, args.seed,
+                     args.checkpoint_dir, args.checkpoint_every)
 
 
 if __name__ == '__main__':
