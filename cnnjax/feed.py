@@ -95,10 +95,9 @@ class DeviceFeed:
     images = np.zeros((local, layout.block, *first.images.shape[1:]), np.uint8)
     labels = np.zeros((local, layout.block), np.int32)
     for j, held in enumerate(layout.shards_of_device):
-      images[j, :sum(len(shards.shards[i]) for i in held)] = np.concatenate(
-          [shards.shards[i].images for i in held])
-      labels[j, :sum(len(shards.shards[i]) for i in held)] = np.concatenate(
-          [shards.shards[i].labels for i in held])
+      for block, field in ((images, 'images'), (labels, 'labels')):
+        part = np.concatenate([getattr(shards.shards[i], field) for i in held])
+        block[j, :len(part)] = part
     per_device = parallel.batch_sharded(mesh)
     self.data = {'image': jax.make_array_from_process_local_data(per_device, images),
                  'label': jax.make_array_from_process_local_data(per_device, labels)}

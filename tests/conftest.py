@@ -80,3 +80,11 @@ def restore(workdir, step, config):
     return ckpt.restore(step, like)
   finally:
     ckpt.close()
+
+
+def assert_same_state(a, b):
+  """Two pytrees of arrays (train states) equal bit for bit, leaf for leaf."""
+  import jax
+  import numpy as np
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -12,7 +12,7 @@ import pytest
 
 from cnnjax import checkpoint, loop
 from cnnjax.errors import UserError
-from tests.conftest import SMALL_RUN, as_flags, restore, run_py, small_config
+from tests.conftest import SMALL_RUN, as_flags, assert_same_state, restore, run_py, small_config
 
 TINY = dict(SMALL_RUN, batch_size=32, log_every=1, eval_every=0, checkpoint_every=4)
 
@@ -23,11 +23,6 @@ def tiny(**overrides):
 
 def saved_state(workdir, step, config=None):
   return restore(workdir, step, config or tiny())
-
-
-def assert_same_state(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope='module')

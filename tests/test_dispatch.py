@@ -6,13 +6,12 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from cnnjax import checkpoint, feed, loop, optim
 from cnnjax.errors import UserError
-from tests.conftest import (ROOT, SMALL_RUN, as_flags, recipe_config, restore, run_py,
-                             small_config)
+from tests.conftest import (ROOT, SMALL_RUN, as_flags, assert_same_state, recipe_config,
+                             restore, run_py, small_config)
 
 # Intervals that K = 10 does not divide: groups are cut at the checkpoint and the end.
 RUN = dict(SMALL_RUN, batch_size=32, log_every=3, eval_every=0, checkpoint_every=20,
@@ -25,12 +24,6 @@ VARIANTS = {'one step, host batches': dict(steps_per_dispatch=1, data_on_device=
 
 def config(**overrides):
   return small_config(**dict(RUN, **overrides))
-
-
-def same_arrays(a, b):
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(leaves_a) == len(leaves_b) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
 
 
 def train_log(workdir):
@@ -75,7 +68,7 @@ def test_steps_per_dispatch_and_data_on_device_train_bit_for_bit_alike(one_devic
   (reference, result), *others = one_device_runs.values()
   assert result['step'] == RUN['num_train_steps']
   for workdir, other in others:
-    assert same_arrays(other['state'], result['state'])  # params, optimizer state, step, key
+    assert_same_state(other['state'], result['state'])  # params, optimizer state, step, key
     assert other['precision'] == result['precision']
     # The seed-format log: the same steps with the same numbers.
     assert train_log(workdir) == train_log(reference)
@@ -91,7 +84,7 @@ def test_resume_in_the_middle_of_a_dispatch_group_is_exact(tmp_path, one_device_
   assert checkpoint_steps(tmp_path) == [15]
   result = loop.train_and_evaluate(config(**VARIANTS['ten steps, data on device']),
                                    str(tmp_path))
-  assert same_arrays(result['state'], reference)
+  assert_same_state(result['state'], reference)
 
 
 def test_log_lines_report_each_steps_rate_and_time_their_groups_by_the_wall_clock(tmp_path):
@@ -195,4 +188,4 @@ def test_eight_devices_train_alike_with_any_dispatch_and_feed(tmp_path):
                                                config(**overrides))))
   (log_a, state_a), (log_b, state_b) = finals
   assert log_a == log_b
-  assert same_arrays(state_a, state_b)
+  assert_same_state(state_a, state_b)
