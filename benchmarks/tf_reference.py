@@ -4,12 +4,13 @@ As a module: TrainStep, the peer in benchmarks/cpu_vs_tf.py. As a script, a TF2
 port of the seeds' whole training scripts (seed 003's cifar10 script for Recipe A):
 
     python benchmarks/tf_reference.py --config configs/cifar_lrn.py [--steps N] [--seed S]
-        [--checkpoint_dir DIR [--checkpoint_every 1000]]
+        [--eval_every N] [--checkpoint_dir DIR [--checkpoint_every 1000]]
 
 reads the same TFDS data, augments each image on the host with the tf.image ops in a
 parallel tf.data pipeline (as cifar10_input.distorted_inputs' 16 threads), trains
 with the seed's log line every log_every steps and evaluates precision @ 1 on exactly
-the eval split. With --checkpoint_dir it saves there and resumes from there (SIGTERM
+the eval split every eval_every steps (the config's, as cnnjax, so the two sides'
+curves meet at the same steps) and at the end. With --checkpoint_dir it saves there and resumes from there (SIGTERM
 or SIGINT saves and stops), for schedules longer than a session. Results: docs/RESULTS.md.
 
 Each recipe's step is written the way the seeds' TF 1.x code computes it (tf.nn
@@ -269,6 +270,8 @@ class TrainStep:
     self.ema = ([tf.Variable(v) for v in self.trainable] if config.ema_decay else None)
     self.coefficients = tuple(sorted(config.weight_loss.items()))
     self._fn = tf.function(self._step)
+    self.predict = tf.function(lambda images: tf.argmax(self.logits(images), -1,
+                                                        output_type=tf.int64))
 
   def _step(self, images, labels):
     c = self.config
@@ -336,8 +339,25 @@ def distort(image, cfg):
   return tf.image.per_image_standardization(x) if cfg.scale == 'standardize' else x / 255.0
 
 
-def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_every=1000):
+def evaluate(step_fn, builder, config):
+  """(correct, count) of the evaluation-mode predictions on the whole eval split."""
+  import numpy as np
+  test = (builder.as_dataset(split=config.eval_split, as_supervised=True).batch(500)
+          .map(lambda x, y: (augment(x, config.augment, train=False), y),  # central crop + scaling
+               num_parallel_calls=tf.data.AUTOTUNE))
+  correct = count = 0
+  for images, labels in test:
+    correct += int(np.sum(step_fn.predict(images).numpy() == labels.numpy()))
+    count += int(labels.shape[0])
+  return correct, count
+
+
+def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_every=1000,
+                       eval_every=0):
   """The seed's script in TF2: tf.data augmentation, train, log, evaluate.
+
+  Evaluates every `eval_every` steps (0: at the end only) with the line
+  `step N: precision @ 1 = P (correct / count)`, and at the end.
 
   With `checkpoint_dir`, the step, variables, optimizer slots, weight averages and the
   input iterator (its shuffle buffer and position) are saved there every
@@ -348,7 +368,6 @@ def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_ever
   import signal
   import time
 
-  import numpy as np
   import tensorflow_datasets as tfds
   tf.random.set_seed(seed)
   builder = tfds.builder(config.dataset, data_dir=config.data_dir)
@@ -393,6 +412,10 @@ def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_ever
       print(f'step {step}, loss = {loss_value:.2f} ({config.batch_size / duration:.1f} '
             f'examples/sec; {duration:.3f} sec/batch); cross-entropy {float(ce):.4f}', flush=True)
     done = step + 1
+    if eval_every and done % eval_every == 0 and done < steps:
+      correct, count = evaluate(step_fn, builder, config)
+      print(f'step {done}: precision @ 1 = {correct / count:.4f} ({correct} / {count})',
+            flush=True)
     if manager and (done % checkpoint_every == 0 or received):
       manager.save(checkpoint_number=done)
     if received:
@@ -403,14 +426,7 @@ def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_ever
     signal.signal(sig, handler)
   train_time = time.perf_counter() - start
 
-  test = (builder.as_dataset(split=config.eval_split, as_supervised=True).batch(500)
-          .map(lambda x, y: (augment(x, cfg, train=False), y),  # central crop + scaling
-               num_parallel_calls=tf.data.AUTOTUNE))
-  predict = tf.function(lambda x: tf.argmax(step_fn.logits(x), -1, output_type=tf.int64))
-  correct = count = 0
-  for images, labels in test:
-    correct += int(np.sum(predict(images).numpy() == labels.numpy()))
-    count += int(labels.shape[0])
+  correct, count = evaluate(step_fn, builder, config)
   total = time.perf_counter() - start
   print(f'precision @ 1 = {correct / count:.4f} ({correct} / {count}); training {train_time:.1f} s, '
         f'training + evaluation {total:.1f} s', flush=True)
@@ -425,11 +441,14 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--checkpoint_dir', help='save there, and resume from there')
   parser.add_argument('--checkpoint_every', type=int, default=1000)
+  parser.add_argument('--eval_every', type=int, default=None,
+                      help="default: the config's eval_every; 0: at the end only")
   args = parser.parse_args()
   config = config_lib.load_file(args.config)
   print(f'tensorflow {tf.__version__}: {config.recipe}', flush=True)
   train_and_evaluate(config, args.steps or config.num_train_steps, args.seed,
-                     args.checkpoint_dir, args.checkpoint_every)
+                     args.checkpoint_dir, args.checkpoint_every,
+                     config.eval_every if args.eval_every is None else args.eval_every)
 
 
 if __name__ == '__main__':
