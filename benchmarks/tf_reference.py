@@ -10,8 +10,9 @@ reads the same TFDS data, augments each image on the host with the tf.image ops 
 parallel tf.data pipeline (as cifar10_input.distorted_inputs' 16 threads), trains
 with the seed's log line every log_every steps and evaluates precision @ 1 on exactly
 the eval split every eval_every steps (the config's, as cnnjax, so the two sides'
-curves meet at the same steps) and at the end. With --checkpoint_dir it saves there and resumes from there (SIGTERM
-or SIGINT saves and stops), for schedules longer than a session. Results: docs/RESULTS.md.
+curves meet at the same steps) and at the end. With --checkpoint_dir it saves there and
+resumes from there (SIGTERM or SIGINT saves and stops), for schedules longer than a
+session. Results: docs/RESULTS.md.
 
 Each recipe's step is written the way the seeds' TF 1.x code computes it (tf.nn
 convolutions, max pools and LRN, the tf.image augmentations on 0-255 float
@@ -444,6 +445,8 @@ def main():
   parser.add_argument('--eval_every', type=int, default=None,
                       help="default: the config's eval_every; 0: at the end only")
   args = parser.parse_args()
+  if args.checkpoint_every < 1 or (args.eval_every or 0) < 0:
+    parser.error('--checkpoint_every must be at least 1 and --eval_every at least 0')
   config = config_lib.load_file(args.config)
   print(f'tensorflow {tf.__version__}: {config.recipe}', flush=True)
   train_and_evaluate(config, args.steps or config.num_train_steps, args.seed,
