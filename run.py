@@ -9,6 +9,10 @@ status 2; SIGTERM/SIGINT checkpoint and exit 0.
 import os
 import sys
 
+from cnnjax import cpu
+
+# --isa caps oneDNN's and XLA's instruction set before either is loaded (cnnjax/cpu.py).
+cpu.cap_isa_from_argv(sys.argv)
 # TensorFlow only reads the TFDS files here: silence its startup chatter, including the
 # oneDNN notice it prints on CPUs where oneDNN is on (its math kernels are never used).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -35,6 +39,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'finds the coordinator itself on SLURM, Kubernetes (JobSet), MPI and TPU clusters.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for a multi-process run by hand.')
+flags.DEFINE_enum('isa', 'native', list(cpu.ISA_CAPS),
+                  'Cap the CPU instruction set that oneDNN and XLA compile for (avx2: measure on '
+                  'an AVX-512 machine what an AVX2-only one runs); sets ONEDNN_MAX_CPU_ISA and '
+                  '--xla_cpu_max_isa.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 

@@ -38,7 +38,9 @@ class BuildOneDnn(build_ext):
     if header is None or library is None:
       print('cnnjax: not building the oneDNN extension (onednn-devel-cpu-gomp not installed)')
       return
-    ext.include_dirs += [xla_include, os.path.dirname(os.path.dirname(os.path.dirname(header)))]
+    # -isystem: the two libraries' headers are theirs; -Wall reports warnings in ours only.
+    for include in (xla_include, os.path.dirname(os.path.dirname(os.path.dirname(header)))):
+      ext.extra_compile_args += ['-isystem', include]
     ext.extra_link_args += [f'-L{os.path.dirname(library)}', '-l:libdnnl.so.3']
     super().build_extension(ext)
 
@@ -46,7 +48,7 @@ class BuildOneDnn(build_ext):
 setup(
     ext_modules=[Extension(
         'cnnjax._onednn', sources=['cnnjax/csrc/onednn_ffi.cc'], language='c++',
-        extra_compile_args=['-std=c++17', '-O2', '-fvisibility=hidden', '-w'],
+        extra_compile_args=['-std=c++17', '-O2', '-fvisibility=hidden', '-Wall'],
         optional=True)],
     cmdclass={'build_ext': BuildOneDnn},
 )

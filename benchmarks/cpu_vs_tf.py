@@ -1,6 +1,6 @@
 """cnnjax's train step beside TensorFlow's for the same recipe, timed in one process.
 
-    python benchmarks/cpu_vs_tf.py [--recipes A,B,C,D,E,F] [--steps 30] [--rounds 5]
+    python benchmarks/cpu_vs_tf.py [--recipes A,B,C,D,E,F] [--steps 30] [--rounds 5] [--isa avx2]
 
 For each recipe: cnnjax's real jitted train_step (cnnjax.bench.Synthetic: the
 recipe's config, augmentation, loss, weight losses, optimizer, EMA) and the TF
@@ -22,6 +22,9 @@ os.environ['TF_ENABLE_ONEDNN_OPTS'] = '1'  # TF's default on x86 Linux; run.py t
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
 
+from cnnjax import cpu  # noqa: E402
+
+cpu.cap_isa_from_argv(sys.argv)  # before jax and TensorFlow load oneDNN
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -74,7 +77,10 @@ def main():
   parser.add_argument('--recipes', default='A,B,C,D,E,F')
   parser.add_argument('--steps', type=int, default=30, help='steps per timed run (E, F: 3)')
   parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
+                      help='cap oneDNN and XLA (and TF) at this ISA (cnnjax/cpu.py)')
   args = parser.parse_args()
+  print(cpu.describe(), flush=True)
   from tensorflow.python.util import _pywrap_util_port
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}, cnnjax CPU kernels: '
         f'{kernels.describe()}; tensorflow {tf.__version__}, oneDNN '
@@ -84,6 +90,7 @@ def main():
   for recipe in args.recipes.split(','):
     steps = min(args.steps, FEW_STEPS.get(recipe, args.steps))
     rows.append(compare(recipe, steps, args.rounds, warmup=max(2, steps // 3)))
+  print(f'\ncnnjax CPU kernels: {kernels.describe()}')
   print('\n| recipe | batch | cnnjax ms/step | TF ms/step | cnnjax ex/s | TF ex/s | cnnjax / TF |')
   print('|---|---|---|---|---|---|---|')
   for r in rows:

@@ -2,6 +2,7 @@
 
     python benchmarks/end_to_end.py [--config configs/cifar_lrn.py] [--batch 128]
         [--steps_per_dispatch 1,10] [--data_on_device false,true] [--steps 600] [--rounds 3]
+        [--isa avx2]
 
 For every (steps_per_dispatch, data_on_device) pair, trains the config through the real
 loop (loop.train_and_evaluate: the real data, feed, dispatch groups and metric reads;
@@ -22,6 +23,9 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cnnjax import cpu  # noqa: E402
+
+cpu.cap_isa_from_argv(sys.argv)  # before jax loads XLA and oneDNN
 import jax  # noqa: E402
 
 from cnnjax import bench, config as config_lib, kernels, loop  # noqa: E402
@@ -42,7 +46,10 @@ def main():
   parser.add_argument('--data_on_device', default='false,true')
   parser.add_argument('--steps', type=int, default=600, help='per run; logged every steps/6')
   parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
+                      help='cap oneDNN and XLA (and TF) at this ISA (cnnjax/cpu.py)')
   args = parser.parse_args()
+  print(cpu.describe(), flush=True)
   base = config_lib.load_file(args.config)
   base.update(dict(batch_size=args.batch, num_train_steps=args.steps, eval_every=0,
                    checkpoint_every=0, log_every=args.steps // 6, eval_split='test[:512]',

@@ -1,6 +1,7 @@
 """Where a recipe's train step spends its time on this machine: a jax.profiler trace, per op.
 
     CNNJAX_CPU_KERNELS=auto|xla python benchmarks/profile_step.py [--config configs/cifar_lrn.py]
+        [--isa avx2]
 
 Runs the real jitted train step (cnnjax.bench.Synthetic) `--steps` times under
 jax.profiler.trace, reads the Perfetto trace it writes, and prints every XLA
@@ -23,6 +24,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cnnjax import cpu  # noqa: E402
+
+cpu.cap_isa_from_argv(sys.argv)  # before jax loads XLA and oneDNN
 import jax  # noqa: E402
 
 from cnnjax import bench, config as config_lib, kernels  # noqa: E402
@@ -63,10 +67,16 @@ def describe_instructions(hlo_text):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default=str(ROOT / 'configs' / 'cifar_lrn.py'))
-  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--steps', type=int, default=10, help='dispatches traced')
+  parser.add_argument('--steps_per_dispatch', type=int, default=1,
+                      help='train steps per dispatch (one lax.scan); times are per step')
   parser.add_argument('--top', type=int, default=40)
+  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
+                      help='cap oneDNN and XLA (and TF) at this ISA (cnnjax/cpu.py)')
   args = parser.parse_args()
-  s = bench.Synthetic(config_lib.load_file(args.config), steps_per_call=1)
+  print(cpu.describe(), flush=True)
+  s = bench.Synthetic(config_lib.load_file(args.config), steps_per_call=args.steps_per_dispatch)
+  per_step = args.steps * args.steps_per_dispatch
   described = describe_instructions(s.compiled_text())
   for _ in range(5):
     s.train_once()
@@ -77,7 +87,7 @@ def main():
       for _ in range(args.steps):
         out = s.train_once()
       jax.block_until_ready(out)
-      wall = (time.perf_counter() - start) / args.steps
+      wall = (time.perf_counter() - start) / per_step
     path = glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True)[0]
     with gzip.open(path) as f:
       events = json.load(f)
@@ -85,8 +95,9 @@ def main():
   total = collections.defaultdict(float)
   for e in events:
     if e.get('ph') == 'X' and e['name'] in described:
-      total[e['name']] += e['dur'] / 1e3 / args.steps
-  print(f'{args.config}: batch {s.batch}, CPU kernels: {kernels.describe()}')
+      total[e['name']] += e['dur'] / 1e3 / per_step
+  print(f'{args.config}: batch {s.batch}, {args.steps_per_dispatch} step(s) per dispatch, '
+        f'CPU kernels: {kernels.describe()}')
   print(f'wall time per step: {wall * 1e3:.1f} ms; sum of thunks: {sum(total.values()):.1f} ms '
         f'over {len(total)} thunks')
   print('| ms/step | thunk | what (JAX op) |\n|---|---|---|')

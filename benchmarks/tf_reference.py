@@ -4,7 +4,7 @@ As a module: TrainStep, the peer in benchmarks/cpu_vs_tf.py. As a script, a TF2
 port of the seeds' whole training scripts (seed 003's cifar10 script for Recipe A):
 
     python benchmarks/tf_reference.py --config configs/cifar_lrn.py [--steps N] [--seed S]
-        [--eval_every N] [--checkpoint_dir DIR [--checkpoint_every 1000]]
+        [--eval_every N] [--checkpoint_dir DIR [--checkpoint_every 1000]] [--isa avx2]
 
 reads the same TFDS data, augments each image on the host with the tf.image ops in a
 parallel tf.data pipeline (as cifar10_input.distorted_inputs' 16 threads), trains
@@ -29,7 +29,11 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tensorflow as tf  # noqa: E402  (after the log level)
+from cnnjax import cpu  # noqa: E402
+
+if __name__ == '__main__':
+  cpu.cap_isa_from_argv(sys.argv)  # before TensorFlow loads its oneDNN
+import tensorflow as tf  # noqa: E402  (after the log level and the ISA cap)
 
 from cnnjax import config as config_lib, models, optim  # noqa: E402
 
@@ -444,11 +448,13 @@ def main():
   parser.add_argument('--checkpoint_every', type=int, default=1000)
   parser.add_argument('--eval_every', type=int, default=None,
                       help="default: the config's eval_every; 0: at the end only")
+  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
+                      help="cap TensorFlow's oneDNN at this ISA (cnnjax/cpu.py)")
   args = parser.parse_args()
   if args.checkpoint_every < 1 or (args.eval_every or 0) < 0:
     parser.error('--checkpoint_every must be at least 1 and --eval_every at least 0')
   config = config_lib.load_file(args.config)
-  print(f'tensorflow {tf.__version__}: {config.recipe}', flush=True)
+  print(f'tensorflow {tf.__version__}: {config.recipe}; {cpu.describe()}', flush=True)
   train_and_evaluate(config, args.steps or config.num_train_steps, args.seed,
                      args.checkpoint_dir, args.checkpoint_every,
                      config.eval_every if args.eval_every is None else args.eval_every)

@@ -110,6 +110,9 @@ class Synthetic:
 
 def run(config):
   s = Synthetic(config)
+  # Traced first, without running: the CPU kernels are chosen then (kernels.describe()).
+  jax.eval_shape(s._steps, s.state, s.inputs, None)
+  jax.eval_shape(s._forward, s.variables, s.images)
   log(f'bench: {config.model}, {models.param_count(s.state.params):,} parameters, '
            f'batch {s.batch} of {s.size}x{s.size}x{s.channels}, {jax.device_count()} x '
            f'{jax.devices()[0].device_kind}; {s.steps_per_call} train step(s) per dispatch; '

@@ -7,10 +7,13 @@ jitted step (typed XLA FFI: no host callback, no copies); here each becomes a
 JAX function with a custom VJP, and runs per device under `shard_map` so data
 parallelism partitions it like any other op.
 
-CNNJAX_CPU_KERNELS=auto (default) uses them when the backend is the CPU and the
-library loaded; =xla always takes XLA's path; =onednn insists (an error if the
-library is missing). GPUs always take XLA's path. The numerics equal XLA's path
-and TensorFlow's to float32 rounding (tests/test_ops.py, tests/test_fidelity.py).
+Which of the two paths runs an op is decided per op and shape (cnnjax/kernel_choice.py):
+never oneDNN where its implementation is a reference one, else the faster of the two
+as measured on this machine. CNNJAX_CPU_KERNELS=auto (default) does that where the
+backend is the CPU and the library loaded; =onednn takes oneDNN wherever it has an
+optimized kernel, unmeasured (an error if the library is missing); =xla always takes
+XLA's path. GPUs always take XLA's path. The numerics equal XLA's path and
+TensorFlow's to float32 rounding (tests/test_ops.py, tests/test_fidelity.py).
 """
 import contextlib
 import ctypes
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from cnnjax import cpu, kernel_choice
 from cnnjax.errors import UserError
 
 MODES = ('auto', 'onednn', 'xla')
@@ -42,6 +46,7 @@ def _keep_xla_convolutions_off_ynnpack():
 
 
 _keep_xla_convolutions_off_ynnpack()
+cpu.keep_freed_memory()  # every dispatch would page-fault fresh buffers otherwise
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _mode = os.environ.get('CNNJAX_CPU_KERNELS', 'auto')
 
@@ -91,7 +96,10 @@ if _lib is not None:
   _lib.cnnjax_max_pool_workspace_bytes.argtypes = [ctypes.c_int64] * 12
   _lib.cnnjax_lrn_workspace_bytes.restype = ctypes.c_int64
   _lib.cnnjax_lrn_workspace_bytes.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_float] * 3
-  _lib.cnnjax_conv_impl_name.argtypes = [ctypes.c_int64] * 7 + [ctypes.c_char_p, ctypes.c_int64]
+  _lib.cnnjax_conv_impls.argtypes = [ctypes.c_int64] * 16 + [ctypes.c_char_p, ctypes.c_int64]
+  _lib.cnnjax_max_pool_impls.argtypes = [ctypes.c_int64] * 12 + [ctypes.c_char_p, ctypes.c_int64]
+  _lib.cnnjax_lrn_impls.argtypes = ([ctypes.c_int64] * 5 + [ctypes.c_float] * 3
+                                    + [ctypes.c_char_p, ctypes.c_int64])
 
 
 def available():
@@ -124,8 +132,41 @@ def using(mode):
     _mode = previous
 
 
+# oneDNN's dnnl_cpu_isa_t values (oneapi/dnnl/dnnl_types.h) and their names.
+_ISA_NAMES = {0x1: 'sse41', 0x3: 'avx', 0x7: 'avx2', 0xf: 'avx2_vnni', 0x1f: 'avx2_vnni_2',
+              0x27: 'avx512_core', 0x67: 'avx512_core_vnni', 0xe7: 'avx512_core_bf16',
+              0x1ef: 'avx512_core_fp16', 0xfef: 'avx512_core_amx', 0x1fef: 'avx512_core_amx_fp16'}
+
+
+class _Version(ctypes.Structure):  # dnnl_version_t
+  _fields_ = [('major', ctypes.c_int), ('minor', ctypes.c_int), ('patch', ctypes.c_int),
+              ('hash', ctypes.c_char_p), ('cpu_runtime', ctypes.c_uint),
+              ('gpu_runtime', ctypes.c_uint)]
+
+
+@functools.cache
+def onednn_build():
+  """'oneDNN 3.2.0 (ISA avx512_core)': the library's version and the ISA it compiles for
+  (the CPU's widest, or ONEDNN_MAX_CPU_ISA's cap)."""
+  dnnl = ctypes.CDLL(_dnnl_library())
+  dnnl.dnnl_version.restype = ctypes.POINTER(_Version)
+  v = dnnl.dnnl_version().contents
+  isa = dnnl.dnnl_get_effective_cpu_isa()
+  return f'oneDNN {v.major}.{v.minor}.{v.patch} (ISA {_ISA_NAMES.get(isa, hex(isa))})'
+
+
+@functools.cache
+def machine():
+  """What makes a kernel's speed here: the key of the cached kernel choices."""
+  import jaxlib
+  xla_cap = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_cpu_max_isa' in f]
+  return (f'{cpu.model()}; {cpu.cores()} cores; {onednn_build()}; '
+          f'XLA {xla_cap[-1].split("=")[-1] if xla_cap else "native"} ISA; '
+          f'jaxlib {jaxlib.__version__}')
+
+
 def describe():
-  """One line for the start of a run: which kernels the CPU backend uses, and why."""
+  """Where the CPU backend's ops run and why: a line, then one per op decided so far."""
   _check_mode()
   if jax.default_backend() != 'cpu':
     return f'XLA ({jax.default_backend()} backend)'
@@ -133,28 +174,50 @@ def describe():
     return 'XLA (CNNJAX_CPU_KERNELS=xla)'
   if _lib is None:
     return f'XLA ({_unavailable})'
-  buf = ctypes.create_string_buffer(64)
-  _lib.cnnjax_conv_impl_name(128, 12, 12, 64, 5, 5, 64, buf, 64)
-  return f'oneDNN via XLA FFI (convolution: {buf.value.decode()})'
+  how = ('oneDNN wherever it has an optimized kernel (CNNJAX_CPU_KERNELS=onednn)'
+         if _mode == 'onednn' else
+         f'oneDNN or XLA per op, the faster on this machine (cache: {kernel_choice.cache_path()})')
+  lines = [f'{how}; {onednn_build()}; {cpu.describe()}']
+  return '\n'.join(lines + [f'  {d.line()}' for d in kernel_choice.made(_mode)])
+
+
+def _impls(function, *args):
+  """oneDNN's implementation names for an op's primitives, forward first; ['ref:none']
+  where oneDNN cannot build them (XLA's path then runs)."""
+  buf = ctypes.create_string_buffer(512)
+  if function(*args, buf, len(buf)) != 0:
+    return ['ref:none']
+  return buf.value.decode().split(';')
+
+
+def _onednn_chosen(op, impls, onednn, xla, shapes):
+  """Whether oneDNN runs `op` (kernel_choice.decide)."""
+  return kernel_choice.decide(op, _mode, impls, onednn, xla, shapes, machine()).path == 'onednn'
+
+
+def _dims(shape):
+  return 'x'.join(map(str, shape))
 
 
 # --- per-device partitioning ------------------------------------------------------------
 
 def _per_device(fn, in_specs, out_specs, batch):
-  """fn under shard_map over the context mesh's 'batch' axis (or fn on a single device).
+  """(fn under shard_map over the context mesh's 'batch' axis, or fn on a single device;
+  the batch one device sees).
 
-  None where it cannot be partitioned that way (no mesh but several devices, a mesh
-  without a 'batch' axis over all its devices, or a batch that does not split evenly,
-  e.g. model.init's one-example batch on 8 devices): the caller then takes XLA's path.
+  (None, batch) where it cannot be partitioned that way (no mesh but several devices, a
+  mesh without a 'batch' axis over all its devices, or a batch that does not split
+  evenly, e.g. model.init's one-example batch on 8 devices): the caller then takes XLA's path.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return fn if jax.device_count() == 1 else None
+    return (fn if jax.device_count() == 1 else None), batch
   if mesh.size == 1:
-    return fn
+    return fn, batch
   if mesh.shape.get('batch') != mesh.size or batch % mesh.size:
-    return None
-  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return None, batch
+  return (jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False),
+          batch // mesh.size)
 
 
 def _attrs(**values):
@@ -163,18 +226,28 @@ def _attrs(**values):
 
 # --- convolution ---------------------------------------------------------------------------
 
-def conv2d(x, w, b, strides, padding, relu=False):
-  """relu?(conv(x, w) + b) of NHWC x HWIO float32 through oneDNN; None where it cannot run here.
+def conv2d(x, w, b, strides, padding, relu, fallback):
+  """relu?(conv(x, w) + b) of NHWC x HWIO float32 through oneDNN; None where XLA's path
+  runs instead: where oneDNN cannot run here, or was not chosen over fallback(x, w, b).
 
-  padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), as lax.conv_general_dilated.
-  The bias add and the ReLU run inside oneDNN's convolution (a post-op).
+  padding: ((top, bottom), (left, right)). The bias add and the ReLU run inside
+  oneDNN's convolution (a post-op).
   """
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
   geometry = (tuple(strides), tuple(tuple(p) for p in padding), bool(relu))
-  run = _per_device(lambda *a: _conv(*a, geometry), (P('batch'), P(), P()), P('batch'),
-                    x.shape[0])
-  return None if run is None else run(x, w, b)
+  onednn = lambda *a: _conv(*a, geometry)
+  run, batch = _per_device(onednn, (P('batch'), P(), P()), P('batch'), x.shape[0])
+  if run is None:
+    return None
+  (sh, sw), ((pt, pb), (pl, pr)), _ = geometry
+  shape = (batch, *x.shape[1:])
+  oh, ow = (shape[1] + pt + pb - w.shape[0]) // sh + 1, (shape[2] + pl + pr - w.shape[1]) // sw + 1
+  op = (f'conv2d {_dims(shape)} * {_dims(w.shape)}, stride {sh}x{sw}, pads {pt},{pb},{pl},{pr}'
+        + (', relu' if relu else ''))
+  impls = _impls(_lib.cnnjax_conv_impls, *shape, *w.shape[:2], w.shape[3], oh, ow, sh, sw,
+                 pt, pl, pb, pr, int(relu))
+  if not _onednn_chosen(op, impls, onednn, fallback, (shape, w.shape, b.shape)):
+    return None
+  return run(x, w, b)
 
 
 def _conv_attrs(geometry):
@@ -216,14 +289,24 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 # --- max pooling --------------------------------------------------------------------------
 
-def max_pool(x, window, stride, ph, pw, oh, ow):
-  """Square-window max pool of NHWC float32 through oneDNN; None where it cannot run here.
+def max_pool(x, window, stride, ph, pw, oh, ow, fallback):
+  """Square-window max pool of NHWC float32 through oneDNN; None where XLA's path runs
+  instead: where oneDNN cannot run here, or was not chosen over fallback(x).
 
   ph, pw: (before, after) padding (ignored by the max, as TF's SAME); oh, ow: output size.
   """
   geometry = (window, stride, tuple(ph), tuple(pw), oh, ow)
-  run = _per_device(lambda a: _max_pool(a, geometry), (P('batch'),), P('batch'), x.shape[0])
-  return None if run is None else run(x)
+  onednn = lambda a: _max_pool(a, geometry)
+  run, batch = _per_device(onednn, (P('batch'),), P('batch'), x.shape[0])
+  if run is None:
+    return None
+  shape = (batch, *x.shape[1:])
+  op = f'max_pool {_dims(shape)}, window {window}, stride {stride}, pads {ph[0]},{ph[1]},{pw[0]},{pw[1]}'
+  impls = _impls(_lib.cnnjax_max_pool_impls, *shape, oh, ow, window, stride, ph[0], pw[0],
+                 ph[1], pw[1])
+  if not _onednn_chosen(op, impls, onednn, fallback, (shape,)):
+    return None
+  return run(x)
 
 
 def _pool_attrs(geometry):
@@ -265,13 +348,23 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 # --- LRN across channels ------------------------------------------------------------------
 
-def lrn(x, depth_radius, bias, alpha, beta):
-  """tf.nn.lrn of NHWC float32 through oneDNN; None where it cannot run here."""
+def lrn(x, depth_radius, bias, alpha, beta, fallback):
+  """tf.nn.lrn of NHWC float32 through oneDNN; None where XLA's path runs instead: where
+  oneDNN cannot run here, or was not chosen over fallback(x)."""
   # oneDNN divides alpha by the window size n = 2r + 1; TF does not.
   size = 2 * depth_radius + 1
   params = (size, float(alpha) * size, float(beta), float(bias))
-  run = _per_device(lambda a: _lrn(a, params), (P('batch'),), P('batch'), x.shape[0])
-  return None if run is None else run(x)
+  onednn = lambda a: _lrn(a, params)
+  run, batch = _per_device(onednn, (P('batch'),), P('batch'), x.shape[0])
+  if run is None:
+    return None
+  shape = (batch, *x.shape[1:])
+  op = (f'lrn {_dims(shape)}, depth radius {depth_radius}, bias {float(bias)!r}, alpha {float(alpha)!r}, '
+        f'beta {float(beta)!r}')
+  impls = _impls(_lib.cnnjax_lrn_impls, *shape, *params)
+  if not _onednn_chosen(op, impls, onednn, fallback, (shape,)):
+    return None
+  return run(x)
 
 
 def _lrn_attrs(params):

@@ -56,12 +56,23 @@ class Trainer:
     log(f'model: {c.model}, {models.param_count(self.state.params):,} parameters')
     log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} '
         f'({jax.process_count()} process(es))')
+    self.trace_steps()
     log(f'kernels: {kernels.describe()}')
     num_train = data.num_examples(self.builder, c.train_split)
     log(f'data: {c.dataset} {c.train_split}={num_train:,} examples, '
         f'{c.eval_split}={self.eval_total:,} examples')
     if self.feed:
       log(f'input: {self.feed.description}; {c.steps_per_dispatch} step(s) per dispatch')
+
+  def trace_steps(self):
+    """Traces the jitted steps without running them (jax.eval_shape). The CPU kernels are
+    chosen per op and shape when a step is first traced (cnnjax/kernel_choice.py): here,
+    so that describe() can list them before the run starts."""
+    if self.feed:
+      jax.eval_shape(self.train_steps, self.state, self.feed.inputs(0, 1), self.feed.data)
+    batch = next(data.eval_batches(self.eval_split,
+                                   self.config.eval_batch_size // jax.process_count(), 1))
+    jax.eval_shape(self.eval_step, self.state, parallel.put_batch(batch, self.batch_sharding))
 
   def evaluate(self, state):
     """Precision @ 1 over exactly the examples of the eval split, on every device."""

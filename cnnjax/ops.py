@@ -25,11 +25,12 @@ def lrn(x, depth_radius=5, bias=1.0, alpha=1.0, beta=0.5):
   out[..., c] = x[..., c] / (bias + alpha * sum_{|c'-c| <= r} x[..., c']**2) ** beta.
   Unlike torch.nn.LocalResponseNorm, alpha is not divided by the window size.
   """
+  xla = lambda x: _lrn(x, depth_radius, bias, alpha, beta)
   if kernels.enabled() and x.dtype == jnp.float32 and x.ndim == 4:
-    out = kernels.lrn(x, depth_radius, bias, alpha, beta)
+    out = kernels.lrn(x, depth_radius, bias, alpha, beta, fallback=xla)
     if out is not None:
       return out
-  return _lrn(x, depth_radius, bias, alpha, beta)
+  return xla(x)
 
 
 def _channel_window_sum(v, radius):
@@ -66,20 +67,77 @@ def conv2d(x, kernel, bias=None, stride=1, padding='SAME', relu=False):
   """relu?(tf.nn.conv2d(x, kernel, stride, padding) + bias): NHWC input, HWIO kernel.
 
   On the CPU backend this is one oneDNN convolution with the bias and ReLU fused
-  (as TensorFlow's oneDNN graph rewrite fuses Conv2D + BiasAdd + Relu); elsewhere
-  XLA's convolution, then the bias and ReLU.
+  (as TensorFlow's oneDNN graph rewrite fuses Conv2D + BiasAdd + Relu) wherever
+  cnnjax/kernels.py chooses oneDNN for its shape; elsewhere XLA's convolution, then
+  the bias and ReLU.
   """
   strides = (stride, stride)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+
+  def xla(x, kernel, bias):
+    y = _xla_conv(x, kernel, strides, padding)
+    if bias is not None:
+      y = y + bias
+    return jax.nn.relu(y) if relu else y  # gradient 0 at 0, as tf.nn.relu
+
   if kernels.enabled() and x.dtype == kernel.dtype == jnp.float32 and x.ndim == 4:
     b = jnp.zeros(kernel.shape[-1], x.dtype) if bias is None else bias
-    out = kernels.conv2d(x, kernel, b, strides, padding, relu)
+    out = kernels.conv2d(x, kernel, b, strides, padding, relu, fallback=xla)
     if out is not None:
       return out
-  y = lax.conv_general_dilated(x, kernel, strides, padding,
-                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  if bias is not None:
-    y = y + bias
-  return jax.nn.relu(y) if relu else y  # gradient 0 at 0, as tf.nn.relu
+  return xla(x, kernel, bias)
+
+
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _xla_conv(x, kernel, strides, padding):
+  """XLA's convolution; on the CPU backend with both gradients in Eigen's canonical form."""
+  if jax.default_backend() != 'cpu':
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS)
+  return _canonical_conv(x, kernel, strides, padding)
+
+
+# XLA:CPU runs a convolution on its fast (Eigen) path only in the canonical form
+# NHWC x HWIO -> NHWC; JAX's autodiff writes the kernel gradient as f01b_i01o->01bf and
+# the input gradient with an OI kernel. XLA's ConvCanonicalization pass rewrites such
+# convolutions into canonical ones with transposes, but only at the top level of the
+# module (xla/service/cpu/conv_canonicalization.h): inside a while body (the lax.scan
+# of steps_per_dispatch) or a call they stay as they are and run as XLA's naive loop,
+# ~100x slower (jax-ml/jax#12868). So the gradients below are written canonical, with
+# the transposes explicit: the same arithmetic, bit for bit, as a plain jitted step.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _canonical_conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS)
+
+
+def _canonical_conv_fwd(x, kernel, strides, padding):
+  return _canonical_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _canonical_conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  (sh, sw), ((pt, _), (pl, _)) = strides, padding
+  (_, h, w, _), (kh, kw, _, _), (_, oh, ow, _) = x.shape, kernel.shape, dy.shape
+  # Input gradient: dy (dilated by the stride) correlated with the flipped kernel, its
+  # in/out channels swapped.
+  flipped = jnp.transpose(lax.rev(kernel, (0, 1)), (0, 1, 3, 2))
+  dx = lax.conv_general_dilated(
+      dy, flipped, (1, 1),
+      ((kh - 1 - pt, h - 1 + pt - sh * (oh - 1)), (kw - 1 - pl, w - 1 + pl - sw * (ow - 1))),
+      lhs_dilation=(sh, sw), dimension_numbers=_DIMS)
+  # Kernel gradient: a convolution over the batch, input channels as its batch (C, H, W, N)
+  # and dy as its kernel (OH, OW, N, O), dilated by the stride.
+  dk = lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
+      ((pt, kh + sh * (oh - 1) - h - pt), (pl, kw + sw * (ow - 1) - w - pl)),
+      rhs_dilation=(sh, sw), dimension_numbers=_DIMS)
+  return dx, jnp.transpose(dk, (1, 2, 0, 3))
+
+
+_canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
 
 
 def _pool_padding(size, window, stride, padding):
@@ -103,11 +161,12 @@ def max_pool(x, window, stride, padding='SAME'):
   maximum of its window in row-major order, exactly as TensorFlow does on ties.
   """
   (ph, oh), (pw, ow) = (_pool_padding(n, window, stride, padding) for n in x.shape[1:3])
+  xla = lambda x: _max_pool(x, window, stride, ph, pw, oh, ow)
   if kernels.enabled() and x.dtype == jnp.float32:
-    out = kernels.max_pool(x, window, stride, ph, pw, oh, ow)
+    out = kernels.max_pool(x, window, stride, ph, pw, oh, ow, fallback=xla)
     if out is not None:
       return out
-  return _max_pool(x, window, stride, ph, pw, oh, ow)
+  return xla(x)
 
 
 def _window_slices(xp, window, stride, oh, ow):
@@ -136,20 +195,30 @@ def _max_pool_fwd(x, window, stride, ph, pw, oh, ow):
 def _max_pool_bwd(window, stride, ph, pw, oh, ow, residuals, g):
   x, out = residuals
   xp = _pad_neg_inf(x, ph, pw)
-  hp, wp = xp.shape[1:3]
-  taken = jnp.zeros(out.shape, bool)
-  grad = jnp.zeros(xp.shape, g.dtype)
+  # Which window offset holds each output's first maximum (row-major), computed once:
+  # recomputing that chain inside every scatter term made XLA's fusion 6x slower.
+  first = jnp.full(out.shape, window * window, jnp.int8)
+  for k, (_, view) in reversed(list(enumerate(_window_slices(xp, window, stride, oh, ow)))):
+    first = jnp.where(view == out, jnp.int8(k), first)
+  first = lax.optimization_barrier(first)
   zero = jnp.array(0, g.dtype)
-  for (i, j), view in _window_slices(xp, window, stride, oh, ow):
-    first = (view == out) & ~taken
-    taken = taken | first
-    # Scatter back to the padded input: strided positions via interior padding.
-    routed = jnp.where(first, g, zero)
-    grad = grad + lax.pad(routed, zero, [
-        (0, 0, 0),
-        (i, hp - i - stride * (oh - 1) - 1, stride - 1),
-        (j, wp - j - stride * (ow - 1) - 1, stride - 1),
-        (0, 0, 0)])
+  routed = lambda i, j: jnp.where(first == i * window + j, g, zero)
+  # The scatter back, one phase at a time: padded input row stride * a + r receives the
+  # rows a - m of offsets i = r + stride * m (and so for columns); the phases are then
+  # interleaved. No interior padding, at most ceil(window / stride)**2 terms a pixel.
+  rows, cols = -(-xp.shape[1] // stride), -(-xp.shape[2] // stride)
+
+  n, c = x.shape[0], x.shape[3]
+
+  def shifted(v, m, l):  # v[:, a - m, b - l] for a < rows, b < cols (0 outside)
+    return lax.pad(v, zero, [(0, 0, 0), (m, rows - oh - m, 0), (l, cols - ow - l, 0), (0, 0, 0)])
+  phases = [[sum((shifted(routed(r + stride * m, q + stride * l), m, l)
+                  for m in range(-(-(window - r) // stride))
+                  for l in range(-(-(window - q) // stride))),
+                 start=jnp.zeros((n, rows, cols, c), g.dtype))
+             for q in range(stride)] for r in range(stride)]
+  grad = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # n, a, r, b, q, c
+  grad = grad.reshape(n, rows * stride, cols * stride, c)
   h, w = x.shape[1:3]
   return (grad[:, ph[0]:ph[0] + h, pw[0]:pw[0] + w],)
 

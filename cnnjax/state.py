@@ -5,7 +5,7 @@ import functools
 
 import jax
 
-from cnnjax import models, optim, train
+from cnnjax import kernels, models, optim, train
 from cnnjax.errors import UserError
 
 
@@ -24,8 +24,11 @@ def initial_state(config, num_classes, num_train, image_shape, sharding):
                            tx=optim.make(config, learning_rate),
                            input_shape=input_shape(config, image_shape),
                            ema=config.ema_decay > 0)
-  return model, learning_rate, jax.jit(init, out_shardings=sharding)(
-      jax.random.PRNGKey(config.seed))
+  # Initialising needs shapes only (its forward pass is dropped): no kernel choice is made
+  # for its one-example batch.
+  with kernels.using('xla'):
+    return model, learning_rate, jax.jit(init, out_shardings=sharding)(
+        jax.random.PRNGKey(config.seed))
 
 
 def weight_loss_terms(config, params):

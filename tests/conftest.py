@@ -2,6 +2,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,6 +13,10 @@ SHARED_DATA = ROOT.parent / 'shared' / 'tensorflow_datasets'
 if 'TFDS_DATA_DIR' not in os.environ and SHARED_DATA.is_dir():
   os.environ['TFDS_DATA_DIR'] = str(SHARED_DATA)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The CPU kernel choices (cnnjax/kernel_choice.py) of this session, shared with the runs it
+# starts: measured afresh, never the user's ~/.cache.
+os.environ.setdefault('CNNJAX_KERNEL_CACHE', os.path.join(
+    tempfile.mkdtemp(prefix='cnnjax-test-kernels-'), 'kernel_choices.json'))
 
 
 @pytest.fixture(scope='session')

@@ -8,6 +8,7 @@
 // thread (oneDNN's own OpenMP threads do the work).
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -52,8 +53,9 @@ class Scratch {
   size_t size_ = 0;
 };
 
+// Slot 0: primitives' scratchpads; slot 1: a kernel in oneDNN's layout.
 Scratch& ScratchSlot(int slot) {
-  thread_local Scratch slots[3];
+  thread_local Scratch slots[2];
   return slots[slot];
 }
 
@@ -297,6 +299,9 @@ ffi::Error PoolBackwardImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> ws,
                                               {pb, pr}, fwd, UserScratchpad());
     return PoolBackward{pd, dnnl::pooling_backward(pd), fwd.workspace_desc()};
   });
+  if (ws.size_bytes() < op.workspace.get_size()) {
+    return ffi::Error::InvalidArgument("max pool workspace buffer too small");
+  }
   op.prim.execute(Stream(), {{DNNL_ARG_DIFF_DST, Wrap(p.Dst(), dy.typed_data())},
                              {DNNL_ARG_WORKSPACE, Wrap(op.workspace, ws.untyped_data())},
                              {DNNL_ARG_DIFF_SRC, Wrap(p.Src(), dx->typed_data())},
@@ -312,9 +317,12 @@ struct LrnShape {
   int64_t n, h, w, c, size;
   float alpha, beta, k;
   memory::desc Data() const { return {{n, c, h, w}, kF32, Tag::nhwc}; }
-  std::string Key() const {
-    return ::Key({n, h, w, c, size}) + std::to_string(alpha) + "," + std::to_string(beta) +
-           "," + std::to_string(k);
+  // The floats' bits, not their decimal rounding: close values never share a primitive.
+  std::string Key() const { return ::Key({n, h, w, c, size, Bits(alpha), Bits(beta), Bits(k)}); }
+  static int64_t Bits(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    return bits;
   }
   dnnl::lrn_forward::primitive_desc ForwardPd() const {
     return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::lrn_across_channels,
@@ -369,6 +377,9 @@ ffi::Error LrnBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                           fwd, UserScratchpad());
     return LrnBackward{pd, dnnl::lrn_backward(pd), fwd.workspace_desc()};
   });
+  if (ws.size_bytes() < op.workspace.get_size()) {
+    return ffi::Error::InvalidArgument("LRN workspace buffer too small");
+  }
   op.prim.execute(Stream(), {{DNNL_ARG_SRC, Wrap(s.Data(), x.typed_data())},
                              {DNNL_ARG_DIFF_DST, Wrap(s.Data(), dy.typed_data())},
                              {DNNL_ARG_WORKSPACE, Wrap(op.workspace, ws.untyped_data())},
@@ -481,14 +492,62 @@ extern "C" int64_t cnnjax_lrn_workspace_bytes(int64_t n, int64_t h, int64_t w, i
   }
 }
 
-// The implementation oneDNN picked for a convolution forward: for `describe()` and tests.
-extern "C" int cnnjax_conv_impl_name(int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh,
-                                     int64_t kw, int64_t o, char* out, int64_t out_size) {
+// The implementations oneDNN picks for an op's primitives, "forward;backward..." (a name
+// starting with "ref" is oneDNN's reference C++ loop: cnnjax/kernels.py then keeps XLA's
+// formulation of the op). Returns 0, or -1 where oneDNN cannot build the primitives.
+namespace {
+int WriteNames(std::initializer_list<std::string> names, char* out, int64_t out_size) {
+  std::string joined;
+  for (const auto& name : names) joined += (joined.empty() ? "" : ";") + name;
+  snprintf(out, out_size, "%s", joined.c_str());
+  return 0;
+}
+}  // namespace
+
+extern "C" int cnnjax_conv_impls(int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh,
+                                 int64_t kw, int64_t o, int64_t oh, int64_t ow, int64_t sh,
+                                 int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
+                                 int64_t relu, char* out, int64_t out_size) {
   try {
-    ConvShape s{n, h, w, c, kh, kw, o, h, w, 1, 1, (kh - 1) / 2, (kw - 1) / 2, kh / 2, kw / 2};
-    std::string name = s.ForwardPd().impl_info_str();
-    snprintf(out, out_size, "%s", name.c_str());
-    return 0;
+    const ConvShape s{n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pl, pb, pr};
+    auto fwd = s.ForwardPd(relu != 0);
+    dnnl::convolution_backward_data::primitive_desc data(
+        Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.Weights(Tag::any), s.Dst(),
+        s.Strides(), s.PadL(), s.PadR(), s.ForwardPd(), UserScratchpad());
+    dnnl::convolution_backward_weights::primitive_desc weights(
+        Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.Weights(Tag::any), s.Bias(),
+        s.Dst(), s.Strides(), s.PadL(), s.PadR(), s.ForwardPd(), UserScratchpad());
+    return WriteNames({fwd.impl_info_str(), data.impl_info_str(), weights.impl_info_str()}, out,
+                      out_size);
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+extern "C" int cnnjax_max_pool_impls(int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh,
+                                     int64_t ow, int64_t k, int64_t s, int64_t pt, int64_t pl,
+                                     int64_t pb, int64_t pr, char* out, int64_t out_size) {
+  try {
+    const PoolShape p{n, h, w, c, oh, ow, k, s, pt, pl, pb, pr};
+    auto fwd = p.ForwardPd();
+    dnnl::pooling_backward::primitive_desc bwd(Engine(), dnnl::algorithm::pooling_max, p.Src(),
+                                               p.Dst(), {s, s}, {k, k}, {0, 0}, {pt, pl},
+                                               {pb, pr}, fwd, UserScratchpad());
+    return WriteNames({fwd.impl_info_str(), bwd.impl_info_str()}, out, out_size);
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+extern "C" int cnnjax_lrn_impls(int64_t n, int64_t h, int64_t w, int64_t c, int64_t size,
+                                float alpha, float beta, float k, char* out, int64_t out_size) {
+  try {
+    const LrnShape s{n, h, w, c, size, alpha, beta, k};
+    auto fwd = s.ForwardPd();
+    dnnl::lrn_backward::primitive_desc bwd(Engine(), dnnl::algorithm::lrn_across_channels,
+                                           s.Data(), s.Data(), s.Data(), size, alpha, beta, k,
+                                           fwd, UserScratchpad());
+    return WriteNames({fwd.impl_info_str(), bwd.impl_info_str()}, out, out_size);
   } catch (const std::exception&) {
     return -1;
   }

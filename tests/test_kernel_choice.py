@@ -1,0 +1,189 @@
+"""Which path each op takes on the CPU (cnnjax/kernel_choice.py), and XLA's path in a loop.
+
+The choice: a reference oneDNN implementation always falls back to XLA's; otherwise
+the faster of the two as measured, cached per machine; an ISA cap changes both the
+implementations and the cache key. XLA's own path: every convolution of the compiled
+train steps, inside their lax.scan included, in the canonical form XLA:CPU runs fast.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import bench, cpu, kernel_choice, kernels, ops
+from tests.conftest import ROOT, small_config
+
+MACHINE = 'test machine'
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+  """An empty cache file and no decisions made yet in this process."""
+  monkeypatch.setenv('CNNJAX_KERNEL_CACHE', str(tmp_path / 'choices.json'))
+  monkeypatch.setattr(kernel_choice, '_made', {})
+  return tmp_path / 'choices.json'
+
+
+def never_called(*args):
+  raise AssertionError('this implementation should not have been run')
+
+
+def slow(x):
+  """A correct but slower 'implementation': the same sum, after 200 matrix products."""
+  for _ in range(200):
+    x = jnp.tanh(x @ x.T) @ x
+  return x
+
+
+def fast(x):
+  return x * 2
+
+
+def decide(op, impls=('jit:avx512_core', 'jit:avx512_core'), mode='auto', onednn=fast,
+           xla=slow, machine=MACHINE):
+  return kernel_choice.decide(op, mode, list(impls), onednn, xla, [(64, 64)], machine)
+
+
+def test_a_reference_implementation_takes_xlas_path_unmeasured(fresh):
+  for mode in ('auto', 'onednn'):
+    d = decide('lrn a', impls=('lrn_jit:avx512_core', 'ref:any'), mode=mode,
+               onednn=never_called, xla=never_called)
+    assert d.path == 'xla' and 'reference ref:any' in d.why
+  assert not fresh.exists()  # nothing measured, nothing cached
+
+
+def test_onednn_mode_takes_onednn_unmeasured(fresh):
+  d = decide('conv a', mode='onednn', onednn=never_called, xla=never_called)
+  assert d.path == 'onednn' and 'CNNJAX_CPU_KERNELS=onednn' in d.why
+
+
+@pytest.mark.parametrize('onednn,xla,expected', [(fast, slow, 'onednn'), (slow, fast, 'xla')])
+def test_auto_measures_and_takes_the_faster(fresh, onednn, xla, expected):
+  d = decide('op', onednn=onednn, xla=xla)
+  assert d.path == expected and 'measured now' in d.why
+  entry = json.loads(fresh.read_text())[MACHINE]['op']
+  assert entry['path'] == expected
+  faster, slower = sorted((entry['onednn_ms'], entry['xla_ms']))
+  assert slower > 3 * faster  # 200 products against one multiply
+
+
+def test_a_decision_is_read_back_from_the_cache_by_the_same_machine_only(fresh, monkeypatch):
+  first = decide('op', onednn=slow, xla=fast)
+  assert first.path == 'xla'
+  monkeypatch.setattr(kernel_choice, '_made', {})  # as a new process would start
+  again = decide('op', onednn=never_called, xla=never_called)
+  assert again.path == 'xla' and 'measured now' not in again.why
+  # Another machine (another CPU, ISA cap or library version) measures for itself.
+  other = decide('op', onednn=fast, xla=slow, machine='another machine')
+  assert other.path == 'onednn' and 'measured now' in other.why
+  assert set(json.loads(fresh.read_text())) == {MACHINE, 'another machine'}
+
+
+def test_an_unwritable_cache_still_decides_and_says_so(monkeypatch, tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  monkeypatch.setenv('CNNJAX_KERNEL_CACHE', str(blocker / 'choices.json'))  # under a file
+  monkeypatch.setattr(kernel_choice, '_made', {})
+  d = decide('op')
+  assert d.path == 'onednn' and 'not cached' in d.why
+
+
+CHOICES = '''
+import jax, jax.numpy as jnp
+from cnnjax import kernels, ops
+x = jnp.ones((8, 12, 12, 64))
+jax.eval_shape(jax.grad(lambda x: ops.lrn(x, 4, 1.0, 0.001 / 9, 0.75).sum()), x)
+print(kernels.machine())
+print(kernels.describe().splitlines()[-1])
+'''
+
+
+def run_choices(tmp_path, **env):
+  result = subprocess.run([sys.executable, '-c', CHOICES], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={
+                              **os.environ, 'CNNJAX_KERNEL_CACHE': str(tmp_path / 'c.json'),
+                              'CNNJAX_CPU_KERNELS': 'auto', **env})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout.splitlines()
+
+
+def test_an_avx2_cap_takes_lrn_off_onednns_reference_kernel_and_keys_the_cache(tmp_path):
+  if not kernels.available():
+    pytest.skip(kernels.describe())
+  machine, lrn = run_choices(tmp_path, ONEDNN_MAX_CPU_ISA='AVX2')
+  # oneDNN 3.2 has only its reference LRN for NHWC on AVX2 (docs/RESULTS.md).
+  assert 'ISA avx2' in machine
+  assert lrn.strip().startswith('lrn 8x12x12x64') and ': XLA, as oneDNN has only its reference ref:' in lrn
+  uncapped, lrn = run_choices(tmp_path)
+  if cpu.vector_isa() == 'avx512':  # on AVX-512 its LRN is a JIT kernel: measured instead
+    assert uncapped != machine
+    assert 'lrn_jit' in lrn and 'measured now' in lrn
+
+
+def test_cap_isa_sets_both_libraries_caps(monkeypatch):
+  monkeypatch.delenv('ONEDNN_MAX_CPU_ISA', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX')
+  cpu.cap_isa_from_argv(['run.py', '--isa', 'avx2'])
+  assert os.environ['ONEDNN_MAX_CPU_ISA'] == 'AVX2'
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX2'
+  assert cpu.caps() == 'ONEDNN_MAX_CPU_ISA=AVX2, --xla_cpu_max_isa=AVX2'
+  with pytest.raises(ValueError, match='isa must be one of'):
+    cpu.cap_isa('avx3')
+
+
+def convolution_forms(hlo):
+  """The dim_labels of every convolution in compiled HLO text."""
+  return re.findall(r' convolution\(.*?dim_labels=(\S+?),', hlo)
+
+
+def test_xlas_path_runs_every_convolution_of_the_train_steps_in_canonical_form(monkeypatch):
+  # XLA:CPU's fast (Eigen) convolution needs NHWC x HWIO -> NHWC; its pass that rewrites
+  # other forms into it only sees the module's top level, not the lax.scan of the steps,
+  # where the others run as a naive loop (~100x slower). K = 10 and K = 1 are both scans.
+  with kernels.using('xla'):
+    for k in (10, 1):
+      hlo = bench.Synthetic(small_config(batch_size=16, steps_per_dispatch=k)).compiled_text()
+      assert 'while(' in hlo or k == 1
+      forms = convolution_forms(hlo)
+      assert len(forms) == 2 + 2 + 1, forms  # Recipe A: two forwards, both gradients of conv2,
+      assert set(forms) == {'b01f_01io->b01f'}, forms  # conv1's kernel gradient
+    # The check can fail: with JAX's own autodiff of the convolution (what cnnjax ran
+    # before), the gradients inside the loop are not canonical.
+    monkeypatch.setattr(ops, '_canonical_conv', lambda x, k, s, p: jax.lax.conv_general_dilated(
+        x, k, s, p, dimension_numbers=ops._DIMS))
+    hlo = bench.Synthetic(small_config(batch_size=16)).compiled_text()
+    assert set(convolution_forms(hlo)) - {'b01f_01io->b01f'}
+
+
+@pytest.mark.parametrize('shape,kernel,stride,padding', [
+    ((4, 12, 12, 64), (5, 5, 64, 64), 1, 'SAME'),
+    ((3, 9, 7, 5), (3, 3, 5, 6), 2, 'SAME'),
+    ((2, 8, 9, 4), (3, 3, 4, 8), 2, 'VALID'),
+])
+def test_canonical_convolution_gradients_equal_jaxs_bit_for_bit(shape, kernel, stride, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+  strides = (stride, stride)
+  pads = jax.lax.padtype_to_pads(shape[1:3], kernel[:2], strides, padding)
+  plain = lambda x, w, s, p: jax.lax.conv_general_dilated(x, w, s, p, dimension_numbers=ops._DIMS)
+  out_shape = jax.eval_shape(lambda x, w: plain(x, w, strides, pads), x, w).shape
+  dy = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+  def grads(conv):  # a plain jit: XLA canonicalizes JAX's own gradients there
+    return jax.jit(lambda x, w, dy: jax.vjp(lambda x, w: conv(x, w, strides, pads), x, w)[1](dy))(
+        x, w, dy)
+
+  for ours, theirs in zip(grads(ops._canonical_conv), grads(plain), strict=True):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_the_machine_line_names_the_cpu_and_its_caps():
+  line = cpu.describe()
+  assert line.startswith(f'CPU: {cpu.model()}, {cpu.cores()} cores, {cpu.vector_isa()}; ISA caps: ')
