@@ -9,20 +9,19 @@ weight losses), on the same augmentation (cnnjax.augment), jitted as one step pe
 with jaxlib's default XLA flags. Against it: cnnjax's real train steps on XLA's own
 kernels (CNNJAX_CPU_KERNELS=xla, as every install without the oneDNN extension runs),
 at the config's steps per dispatch and at one. Each runs in a process of its own (the
-two need different XLA_FLAGS), kept alive; the driver alternates rounds between them
-and prints each one's median ms/step. Results: docs/RESULTS.md.
+two need different XLA_FLAGS; benchmarks/side_by_side.py), timed in alternating rounds;
+prints each one's median ms/step. Results: docs/RESULTS.md.
 """
 import argparse
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
 
+import side_by_side  # noqa: E402
 from cnnjax import cpu  # noqa: E402
 
 SIDES = ('plain', 'cnnjax_k10', 'cnnjax_k1')
@@ -33,6 +32,7 @@ def plain_step_runner():
   os.environ['CNNJAX_KEEP_FREED_MEMORY'] = '0'  # glibc's malloc as a JAX user has it
   import jax
   jax.devices()  # XLA reads XLA_FLAGS now: jaxlib's defaults, before cnnjax is imported
+  flags = os.environ.get('XLA_FLAGS', '')
   import flax.linen as nn
   import jax.numpy as jnp
   import numpy as np
@@ -84,30 +84,14 @@ def plain_step_runner():
     state[2], key = jax.random.split(state[2])
     state[0], state[1], loss = step(state[0], state[1], key)
     return loss
-  return run, 1
+  return run, 1, flags
 
 
 def cnnjax_runner(k):
   os.environ['CNNJAX_CPU_KERNELS'] = 'xla'
   from cnnjax import bench, config as config_lib
   s = bench.Synthetic(config_lib.load_file(ROOT / 'configs' / 'cifar_lrn.py'), steps_per_call=k)
-  return s.train_once, k
-
-
-def child(side, steps):
-  """Warms up, then times `steps` steps each time a line arrives on stdin."""
-  import jax
-  run, per_call = plain_step_runner() if side == 'plain' else cnnjax_runner(
-      10 if side == 'cnnjax_k10' else 1)
-  for _ in range(3):
-    jax.block_until_ready(run())
-  print('ready', os.environ.get('XLA_FLAGS', ''), flush=True)
-  for _ in sys.stdin:
-    start = time.perf_counter()
-    for _ in range(max(1, steps // per_call)):
-      out = run()
-    jax.block_until_ready(out)
-    print((time.perf_counter() - start) / (max(1, steps // per_call) * per_call), flush=True)
+  return s.train_once, k, os.environ.get('XLA_FLAGS', '')
 
 
 def main():
@@ -119,36 +103,26 @@ def main():
   parser.add_argument('--child', choices=SIDES, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    return child(args.child, args.steps)
+    run, per_call, flags = (plain_step_runner() if args.child == 'plain' else
+                            cnnjax_runner(10 if args.child == 'cnnjax_k10' else 1))
+    return side_by_side.serve(run, per_call, {'XLA_FLAGS': flags})  # as XLA read them
   cpu.cap_isa(args.isa)
   print(cpu.describe(), flush=True)
-  procs = {}
-  for side in SIDES:
-    env = dict(os.environ)
-    procs[side] = subprocess.Popen(
-        [sys.executable, __file__, '--child', side, '--steps', str(args.steps)], env=env,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    ready = procs[side].stdout.readline().split(' ', 1)
-    assert ready[0] == 'ready', ready
-    print(f'{side}: XLA_FLAGS={ready[1].strip()!r}', flush=True)
-  times = {side: [] for side in SIDES}
-  for _ in range(args.rounds):
-    for side, proc in procs.items():  # one at a time: the others wait on stdin, idle
-      proc.stdin.write('go\n')
-      proc.stdin.flush()
-      times[side].append(float(proc.stdout.readline()) * 1e3)
-  for proc in procs.values():
-    proc.stdin.close()
-    proc.wait()
-  med = {side: statistics.median(t) for side, t in times.items()}
+  children = {side: side_by_side.Child([__file__, '--child', side]) for side in SIDES}
+  for side, child in children.items():
+    print(f'{side}: XLA_FLAGS={child.info["XLA_FLAGS"]!r}', flush=True)
+  times = side_by_side.alternate(children, args.steps, args.rounds)
+  for child in children.values():
+    child.close()
+  med = {side: statistics.median(t) * 1e3 for side, t in times.items()}
   print('\n| Recipe A train step, batch 128 | ms/step (median) | rounds | vs plain JAX |')
   print('|---|---|---|---|')
   names = {'plain': 'plain jitted JAX step (reduce_window pools, jaxlib defaults)',
            'cnnjax_k10': 'cnnjax, XLA path, 10 steps per dispatch',
            'cnnjax_k1': 'cnnjax, XLA path, 1 step per dispatch'}
   for side in SIDES:
-    print(f'| {names[side]} | {med[side]:.1f} | {", ".join(f"{t:.0f}" for t in times[side])} | '
-          f'{med["plain"] / med[side]:.2f}x |')
+    print(f'| {names[side]} | {med[side]:.1f} | {", ".join(f"{t * 1e3:.0f}" for t in times[side])} '
+          f'| {med["plain"] / med[side]:.2f}x |')
 
 
 if __name__ == '__main__':

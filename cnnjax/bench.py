@@ -56,6 +56,13 @@ def time_run(name, fn, burn_in, steps, batch_size, steps_per_call=1):
   return {'mean': mean, 'std': std, 'examples_per_sec': batch_size / mean}
 
 
+def synthetic_batch(batch, size, channels, classes):
+  """The uint8 batch bench mode trains on (seeded: benchmarks/cpu_vs_tf.py feeds TF the same)."""
+  rng = np.random.default_rng(0)
+  return {'image': rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8),
+          'label': rng.integers(0, classes, batch).astype(np.int32)}
+
+
 class Synthetic:
   """A recipe's real state and jitted steps on one synthetic batch (no dataset needed).
 
@@ -78,10 +85,8 @@ class Synthetic:
     _, learning_rate, self.state = state_lib.initial_state(config, self.classes, 50000,
                                                            image_shape, replicated)
     shape = state_lib.input_shape(config, image_shape)
-    rng = np.random.default_rng(0)
-    self.host_batch = {
-        'image': rng.integers(0, 256, (self.batch, *image_shape), dtype=np.uint8),
-        'label': rng.integers(0, self.classes, self.batch).astype(np.int32)}
+    self.host_batch = synthetic_batch(self.batch, self.size, self.channels, self.classes)
+    rng = np.random.default_rng(1)
     self.steps_per_call = steps_per_call or config.steps_per_dispatch
     self.inputs = parallel.put_batch(
         {k: np.stack([v] * self.steps_per_call) for k, v in self.host_batch.items()},
@@ -103,6 +108,12 @@ class Synthetic:
     self.state, metrics = self._steps(self.state, self.inputs, None)
     return metrics['loss'][-1]
 
+  def trace(self):
+    """Traces the steps without running them: the CPU kernels are chosen then
+    (kernels.describe() lists them)."""
+    jax.eval_shape(self._steps, self.state, self.inputs, None)
+    jax.eval_shape(self._forward, self.variables, self.images)
+
   def compiled_text(self):
     """The compiled train steps' HLO (benchmarks/profile_step.py, tests)."""
     return self._steps.lower(self.state, self.inputs, None).compile().as_text()
@@ -110,9 +121,7 @@ class Synthetic:
 
 def run(config):
   s = Synthetic(config)
-  # Traced first, without running: the CPU kernels are chosen then (kernels.describe()).
-  jax.eval_shape(s._steps, s.state, s.inputs, None)
-  jax.eval_shape(s._forward, s.variables, s.images)
+  s.trace()
   log(f'bench: {config.model}, {models.param_count(s.state.params):,} parameters, '
            f'batch {s.batch} of {s.size}x{s.size}x{s.channels}, {jax.device_count()} x '
            f'{jax.devices()[0].device_kind}; {s.steps_per_call} train step(s) per dispatch; '

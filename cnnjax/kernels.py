@@ -157,12 +157,13 @@ def onednn_build():
 
 @functools.cache
 def machine():
-  """What makes a kernel's speed here: the key of the cached kernel choices."""
+  """What makes a kernel's speed here: the key of the cached kernel choices (the CPU, the
+  two libraries' versions, oneDNN's ISA, XLA's CPU flags: its ISA cap, YNNPACK's use)."""
   import jaxlib
-  xla_cap = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_cpu_max_isa' in f]
-  return (f'{cpu.model()}; {cpu.cores()} cores; {onednn_build()}; '
-          f'XLA {xla_cap[-1].split("=")[-1] if xla_cap else "native"} ISA; '
-          f'jaxlib {jaxlib.__version__}')
+  xla_cpu_flags = sorted(f for f in os.environ.get('XLA_FLAGS', '').split()
+                         if f.startswith('--xla_cpu_'))
+  return (f'{cpu.model()}; {cpu.cores()} cores; {onednn_build()}; jaxlib {jaxlib.__version__}'
+          f'; XLA flags: {" ".join(xla_cpu_flags) or "none"}')
 
 
 def describe():

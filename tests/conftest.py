@@ -12,6 +12,8 @@ SHARED_DATA = ROOT.parent / 'shared' / 'tensorflow_datasets'
 # Real data for tests comes from ../shared, as for CI; an explicit TFDS_DATA_DIR wins.
 if 'TFDS_DATA_DIR' not in os.environ and SHARED_DATA.is_dir():
   os.environ['TFDS_DATA_DIR'] = str(SHARED_DATA)
+if os.environ.get('TFDS_DATA_DIR'):  # absolute: some tests run in another directory
+  os.environ['TFDS_DATA_DIR'] = os.path.abspath(os.environ['TFDS_DATA_DIR'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The CPU kernel choices (cnnjax/kernel_choice.py) of this session, shared with the runs it
 # starts: measured afresh, never the user's ~/.cache.
@@ -32,6 +34,13 @@ def cpu_kernels(request):
   from cnnjax import kernels
   with kernels.using(request.param):
     yield request.param
+
+
+def one_kernel_path():
+  """CNNJAX_CPU_KERNELS for runs compared across device or process counts: under `auto` one
+  device's batch may take oneDNN's kernel and another's XLA's, and the two round differently."""
+  from cnnjax import kernels
+  return {'CNNJAX_CPU_KERNELS': 'onednn' if kernels.available() else 'xla'}
 
 
 def recipe_config(name, **overrides):

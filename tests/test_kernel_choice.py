@@ -187,3 +187,16 @@ def test_canonical_convolution_gradients_equal_jaxs_bit_for_bit(shape, kernel, s
 def test_the_machine_line_names_the_cpu_and_its_caps():
   line = cpu.describe()
   assert line.startswith(f'CPU: {cpu.model()}, {cpu.cores()} cores, {cpu.vector_isa()}; ISA caps: ')
+
+
+def test_tf_fidelity_holds_on_the_avx2_paths():
+  """The TF op tests again in a process capped at AVX2: oneDNN's AVX2 kernels, and XLA's
+  LRN where oneDNN has only its reference one (on an AVX2 machine: its native paths)."""
+  onednn, xla = cpu.ISA_CAPS['avx2']
+  env = dict(os.environ, ONEDNN_MAX_CPU_ISA=onednn,
+             XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_max_isa={xla}')
+  result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                           'tests/test_ops.py', '-k', 'matches_tf or like_tf'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stdout[-3000:]
+  assert re.search(r'\d+ passed', result.stdout), result.stdout[-500:]

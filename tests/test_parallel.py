@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, parallel, state as state_lib
+from cnnjax import checkpoint, kernels, parallel, state as state_lib
 from tests import conftest
 from tests.conftest import ROOT, SMALL_RUN, as_flags, recipe_config, run_py, small_config
 
@@ -18,10 +18,11 @@ EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 OVERRIDES = dict(SMALL_RUN, batch_size=32, eval_batch_size=16, log_every=1, eval_every=0,
                  checkpoint_every=0, num_train_steps=4, optimizer='sgd', learning_rate=0.05)
 FLAGS = as_flags(OVERRIDES)
+ONE_PATH = conftest.one_kernel_path()
 
 
 def run(workdir, *args, env=None):
-  return run_py('--workdir', str(workdir), *FLAGS, *args, env=env)
+  return run_py('--workdir', str(workdir), *FLAGS, *args, env={**ONE_PATH, **(env or {})})
 
 
 def final_eval(stdout):
@@ -68,7 +69,7 @@ def test_checkpoint_from_one_device_restores_on_eight(runs):
   one, r1 = runs['one']
   again = subprocess.run([sys.executable, 'run.py', '--mode=eval', '--workdir', str(one)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **EIGHT})
+                         env={**os.environ, **EIGHT, **ONE_PATH})
   assert again.returncode == 0, again.stderr
   assert re.search(r'^devices: 8 x ', again.stdout, re.M)
   assert final_eval(again.stdout) == final_eval(r1.stdout)
@@ -85,12 +86,14 @@ def relative_error(x, y):
 
 def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
   # VGG-16: batch-norm statistics of the global batch, dropout masks drawn for the
-  # global batch, so the device count changes nothing but float summation order. Thirteen
-  # batch norms over 16 images amplify that float32 noise: measured against a float64
-  # gradient, 1 and 8 devices are both off by up to 5e-3 (norm-relative) without dropout,
-  # 5e-6 and 5e-4 with it. So compare each layer's update (not the params, which barely
-  # move in 2 steps) by norm, at 2e-2; a wrong reduction (per-device BN statistics, a
-  # missing gradient average, equal dropout masks per device) is off by order 1.
+  # global batch, so the device count changes nothing but float summation order. Both runs
+  # take XLA's kernels: CNNJAX_CPU_KERNELS=auto may choose oneDNN for a batch of 16 and XLA
+  # for 2 per device, and thirteen batch norms amplify the two libraries' float32 rounding
+  # to 8e-3 (AMD EPYC Zen 5) and 3.4e-2 (a CI machine) of an update. On one path, 1 and 8
+  # devices differ by 5e-5 (the same natively and under --xla_cpu_max_isa=AVX2); a wrong
+  # reduction (per-device BN statistics, a missing gradient average, equal dropout masks per
+  # device) is off by order 1. So compare each layer's update (not the params, which barely
+  # move in 2 steps) by norm, at 2e-3.
   _, _, initial = state_lib.initial_state(recipe_config('cifar_vgg16', **VGG), 10, 50000,
                                          (32, 32, 3), parallel.replicated(parallel.make_mesh()))
   states = []
@@ -98,7 +101,7 @@ def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
     result = subprocess.run(
         [sys.executable, 'run.py', '--config', 'configs/cifar_vgg16.py', '--workdir',
          str(tmp_path / name), *as_flags(VGG)], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env={**os.environ, **env})
+        timeout=600, env={**os.environ, **env, 'CNNJAX_CPU_KERNELS': 'xla'})
     assert result.returncode == 0, result.stderr
     ckpt = checkpoint.Checkpoints(str(tmp_path / name), 3, read_only=True)
     states.append(ckpt.restore(2, initial))
@@ -112,7 +115,7 @@ def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
   for (path, u1), u8 in zip(flat, jax.tree.leaves(updates[1]), strict=True):
     if jax.tree_util.keystr(path) == "['fc1']['bias']":
       continue  # feeds batch norm, so its true gradient is 0: its update is pure rounding
-    assert relative_error(u1, u8) < 2e-2, jax.tree_util.keystr(path)
+    assert relative_error(u1, u8) < 2e-3, jax.tree_util.keystr(path)
     checked += 1
   assert checked > 40
   for x, y in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats)):
@@ -142,7 +145,6 @@ for shape, target in calls:
 def test_onednn_calls_run_per_device_on_eight_devices():
   # The custom calls are opaque to XLA's partitioner: without shard_map it would gather
   # the whole batch onto every device. Each call must see its device's 32 / 8 = 4 images.
-  from cnnjax import kernels
   if not kernels.available():
     pytest.skip(kernels.describe())
   result = subprocess.run([sys.executable, '-c', PER_DEVICE_CHECK], cwd=ROOT,

@@ -1,0 +1,60 @@
+"""Two (or more) train steps timed side by side, each in a process of its own.
+
+Each side runs in a child process kept alive for the whole comparison, with its own
+environment (XLA_FLAGS, cnnjax's malloc setting: a framework is measured as its users
+run it, not with the other's process settings). The driver alternates timed runs
+between the children, so they share the machine's state, while the others wait idle
+on their stdin. Used by benchmarks/cpu_vs_tf.py and benchmarks/plain_jax_step.py.
+
+Protocol: the child prints 'ready <json>' once warmed up, then for each 'go N' line on
+stdin runs N steps, waits for the last, and prints the seconds per step.
+"""
+import json
+import subprocess
+import sys
+import time
+
+
+class Child:
+  def __init__(self, argv, env=None):
+    self.proc = subprocess.Popen([sys.executable, *argv], env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+    line = self.proc.stdout.readline()
+    if not line.startswith('ready '):
+      self.proc.kill()
+      raise RuntimeError(f'{argv}: did not start (said {line!r}, exit {self.proc.wait()})')
+    self.info = json.loads(line[len('ready '):])
+
+  def time(self, steps):
+    """Seconds per step over `steps` steps."""
+    self.proc.stdin.write(f'go {steps}\n')
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
+  def close(self):
+    self.proc.stdin.close()
+    return self.proc.wait()
+
+
+def serve(run, steps_per_call=1, info=None, warmup=3):
+  """The child's side: run() does steps_per_call steps and returns something to wait for."""
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(run())
+  print('ready', json.dumps(info or {}), flush=True)
+  for line in sys.stdin:
+    calls = max(1, int(line.split()[1]) // steps_per_call)
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = run()
+    jax.block_until_ready(out)
+    print((time.perf_counter() - start) / (calls * steps_per_call), flush=True)
+
+
+def alternate(children, steps, rounds):
+  """{name: [seconds per step, one per round]}, the children timed in turn each round."""
+  times = {name: [] for name in children}
+  for _ in range(rounds):
+    for name, child in children.items():
+      times[name].append(child.time(steps[name] if isinstance(steps, dict) else steps))
+  return times

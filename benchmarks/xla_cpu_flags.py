@@ -1,0 +1,76 @@
+"""Does cnnjax's XLA CPU flag still pay? XLA's own convolutions on Eigen (cnnjax's default)
+against YNNPACK (jaxlib's default), side by side.
+
+    python benchmarks/xla_cpu_flags.py [--recipes A,D,E] [--steps 10] [--rounds 5] [--isa avx2]
+
+cnnjax/kernels.py keeps XLA's CPU convolutions off YNNPACK (`YNN_FLAG`). Here each
+recipe's real train steps run on XLA's path (CNNJAX_CPU_KERNELS=xla) in two processes of
+their own: one with cnnjax's flag, one with `+individual_convolution` (YNNPACK's
+convolutions, as jaxlib runs them by default; a user's own setting of the flag wins over
+cnnjax's), timed in alternating rounds (benchmarks/side_by_side.py). Prints each one's
+median ms/step. Results: docs/RESULTS.md.
+"""
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
+
+import side_by_side  # noqa: E402
+from cnnjax import cpu  # noqa: E402
+
+RECIPES = {'A': 'cifar_lrn', 'B': 'cifar_cookbook', 'C': 'cifar_tutorial', 'D': 'mnist_cnn',
+           'E': 'cifar_deep', 'F': 'cifar_vgg16'}
+YNNPACK = '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'
+
+
+def serve(recipe):
+  os.environ['CNNJAX_CPU_KERNELS'] = 'xla'
+  from cnnjax import bench, config as config_lib, kernels
+  import jaxlib
+  s = bench.Synthetic(config_lib.load_file(ROOT / 'configs' / f'{RECIPES[recipe]}.py'))
+  return side_by_side.serve(s.train_once, s.steps_per_call,
+                            {'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+                             'jaxlib': jaxlib.__version__, 'cnnjax_flag': kernels.YNN_FLAG})
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--recipes', default='A,D,E')
+  parser.add_argument('--steps', type=int, default=10, help='steps per timed run')
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
+                      help='cap XLA (and oneDNN) at this ISA (cnnjax/cpu.py)')
+  parser.add_argument('--child', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    return serve(args.child)
+  cpu.cap_isa(args.isa)
+  print(cpu.describe(), flush=True)
+  rows = []
+  for recipe in args.recipes.split(','):
+    flags = os.environ.get('XLA_FLAGS', '')
+    children = {
+        'eigen': side_by_side.Child([__file__, '--child', recipe]),
+        'ynnpack': side_by_side.Child([__file__, '--child', recipe],
+                                      env={**os.environ, 'XLA_FLAGS': f'{flags} {YNNPACK}'})}
+    for side, child in children.items():
+      print(f'{recipe} {side}: jaxlib {child.info["jaxlib"]}, '
+            f'XLA_FLAGS={child.info["XLA_FLAGS"]!r}', flush=True)
+    times = side_by_side.alternate(children, args.steps, args.rounds)
+    for child in children.values():
+      child.close()
+    med = {side: statistics.median(t) * 1e3 for side, t in times.items()}
+    rows.append((recipe, med['eigen'], med['ynnpack'], times))
+  print('\n| recipe (XLA path, config batch) | Eigen convolutions (cnnjax flag), ms/step '
+        '| YNNPACK convolutions (jaxlib default), ms/step | flag speedup |')
+  print('|---|---|---|---|')
+  for recipe, eigen, ynn, _ in rows:
+    print(f'| {recipe} ({RECIPES[recipe]}) | {eigen:.1f} | {ynn:.1f} | {ynn / eigen:.2f}x |')
+
+
+if __name__ == '__main__':
+  main()
