@@ -3,7 +3,8 @@
 Every config field can be overridden (--config.batch_size=256). Re-running with
 the same --workdir resumes from its latest checkpoint; --mode=eval evaluates a
 checkpoint without training, --mode=predict classifies image files, --mode=plot
-draws the run's curves, --mode=bench times the model. Bad input ends with one line on stderr and exit
+draws the run's curves, --mode=bench times the model, --mode=export writes the config's
+splits as an arrays file (--out) to train from without TensorFlow. Bad input ends with one line on stderr and exit
 status 2; SIGTERM/SIGINT checkpoint and exit 0.
 """
 import os
@@ -23,16 +24,19 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and outputs.')
-MODES = ['train', 'eval', 'predict', 'plot', 'bench']
+MODES = ['train', 'eval', 'predict', 'plot', 'bench', 'export']
 _MODE = flags.DEFINE_string('mode', 'train',
                             'train: train and evaluate, resuming from the workdir; '
                             'eval: evaluate a checkpoint of the workdir without training; '
                             'predict: classify --images with the latest checkpoint; '
                             'plot: write workdir/plots/*.png from metrics.jsonl; '
-                            'bench: time forward and forward-backward on synthetic input.')
+                            'bench: time forward and forward-backward on synthetic input; '
+                            'export: write the config\'s train and eval splits to --out.')
 _STEP = flags.DEFINE_integer('step', None, 'With --mode=eval: the checkpoint step (default: latest).')
 _IMAGES = flags.DEFINE_list('images', [], 'With --mode=predict: image files (comma-separated, '
                             'or space-separated after the flag).')
+_OUT = flags.DEFINE_string('out', None, 'With --mode=export: the arrays file to write (*.npz); '
+                           'train from it with --config.dataset=FILE.')
 _TOP_K = flags.DEFINE_integer('top_k', 3, 'With --mode=predict: classes shown per image.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process run through jax.distributed.initialize(), which '
@@ -153,6 +157,24 @@ def init_distributed():
       fail(f'--distributed: {_first_line(e)}')
 
 
+def export(config, out):
+  """The config's train and eval splits, under their split names, as an arrays file."""
+  from cnnjax import data
+  if config is None or not out:
+    fail('--mode=export needs --config and --out FILE.npz')
+  if not out.endswith(data.ARRAYS_SUFFIX):
+    fail(f'--out must end in {data.ARRAYS_SUFFIX}, got {out!r}')
+  source = data.info(config.dataset, config.data_dir, config.download)
+  splits = {split.split('[')[0]: split for split in (config.train_split, config.eval_split)}
+  if len(splits) < 2:
+    fail(f'train_split and eval_split are both of {next(iter(splits))!r}: nothing would tell '
+         'them apart in the file')
+  counts = data.export(source, splits, out)
+  print(f'wrote {out}: ' + ', '.join(f'{name} = {splits[name]} ({n:,} examples)'
+                                    for name, n in counts.items()) +
+        f'; train from it with --config.dataset={out}')
+
+
 def main(argv):
   mode = _MODE.value
   if mode not in MODES:
@@ -160,7 +182,7 @@ def main(argv):
   extra = argv[1:]
   if extra and mode != 'predict':
     fail(f'unexpected arguments: {" ".join(extra)}')
-  if not _WORKDIR.value and mode != 'bench':
+  if not _WORKDIR.value and mode not in ('bench', 'export'):
     fail('--workdir is required')
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
   init_distributed()
@@ -176,6 +198,8 @@ def main(argv):
       if _CONFIG.value is None:
         fail('--config is required (e.g. --config configs/cifar_lrn.py)')
       loop.train_and_evaluate(load_config(), _WORKDIR.value)
+    elif mode == 'export':
+      export(load_config() if _CONFIG.value is not None else None, _OUT.value)
     elif mode == 'plot':
       from cnnjax import plots
       for path in plots.write(_WORKDIR.value):

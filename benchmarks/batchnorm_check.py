@@ -23,7 +23,7 @@ def main(workdir, split='test[:500]'):
   config = workdir_lib.load_saved_config(workdir)
   run = Predictor(workdir, config)
   state = run.state
-  examples = data.load(run.builder, split)
+  examples = run.source.load(split)
   labels = examples.labels
   eval_probs = run.probabilities(examples.images)  # exactly what the eval step computes
   # Train mode on the same images, evaluation-preprocessed: batch statistics and dropout.

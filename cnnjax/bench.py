@@ -28,9 +28,9 @@ def input_spec(config):
     size, channels, classes = KNOWN_SHAPES[config.dataset]
   else:
     from cnnjax import data
-    info = data.info(config.dataset, config.data_dir, download=False).info
-    size, _, channels = info.features['image'].shape
-    classes = info.features['label'].num_classes
+    source = data.info(config.dataset, config.data_dir, download=False)
+    size, _, channels = source.image_shape
+    classes = source.num_classes
   return (b.batch_size or config.batch_size, b.image_size or size, b.channels or channels,
           b.num_classes or classes)
 

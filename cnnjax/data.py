@@ -1,4 +1,8 @@
-"""The host side of the input pipeline: TFDS -> uint8 numpy batches.
+"""The host side of the input pipeline: a dataset -> uint8 numpy batches.
+
+A dataset is a TFDS one (config.dataset = its name: downloaded by TFDS where it can be,
+read with tf.data) or an arrays file written by `run.py --mode=export` (config.dataset =
+its path, *.npz: numpy only, for machines without TensorFlow). Both are a `Source`.
 
 Nothing random happens on the host but the epoch shuffle, and that is a pure
 function of (seed, epoch): the batch for any step can be recomputed, so resume
@@ -7,6 +11,7 @@ needs no iterator state. Augmentation runs on the accelerator (augment.py).
 import dataclasses
 import functools
 import os
+import re
 import socket
 
 import numpy as np
@@ -63,43 +68,122 @@ def _offline():
     return True
 
 
+class TfdsSource:
+  """A prepared TFDS dataset; splits in TFDS's syntax ('train[:512]', 'test[10%:]')."""
+
+  def __init__(self, builder):
+    self.builder, self.name = builder, builder.name
+    features = builder.info.features
+    if 'image' not in features or 'label' not in features:
+      raise UserError(f'dataset {self.name!r} has no image/label features; cnnjax trains '
+                      'image classifiers')
+    self.class_names = list(features['label'].names)
+    self.num_classes = features['label'].num_classes
+    self.image_shape = tuple(features['image'].shape)
+
+  def num_examples(self, split):
+    """The size of `split` (slices too) from TFDS's metadata, without reading it."""
+    try:
+      return self.builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+      raise UserError(f'bad split {split!r} for {self.name}: {e}') from None
+
+  def load(self, split):
+    """The whole `split` as uint8 arrays in memory."""
+    import tensorflow as tf
+    try:
+      ds = self.builder.as_dataset(split=split, shuffle_files=False)
+    except ValueError as e:
+      raise UserError(f'bad split {split!r} for {self.name}: {e}') from None
+    ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=tf.data.AUTOTUNE)
+    images, labels = [], []
+    for x, y in ds.batch(4096).prefetch(2).as_numpy_iterator():
+      images.append(x)
+      labels.append(y)
+    return Split(np.concatenate(images), np.concatenate(labels).astype(np.int32))
+
+  def shard(self, split, index, count):
+    """The split instruction for part `index` of `count` near-equal parts of `split`."""
+    import tensorflow_datasets as tfds
+    return tfds.even_splits(split, n=count)[index] if count > 1 else split
+
+
+ARRAYS_SUFFIX = '.npz'
+_SLICE = re.compile(r'^(\w+)(?:\[(-?\d*%?):(-?\d*%?)\])?$')
+
+
+class ArraysSource:
+  """An arrays file (`run.py --mode=export`): uint8 images and int32 labels per split, the
+  class names and the dataset's name, read with numpy alone. Splits: a name, or a slice
+  of one in TFDS's syntax with example counts or percentages ('train[:512]', 'test[-10%:]')."""
+
+  def __init__(self, path):
+    try:
+      with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+      raise UserError(f'cannot read the arrays file {path}: {e}') from None
+    self.splits = {k[:-len('/images')]: Split(arrays[k], arrays[k[:-len('images')] + 'labels'])
+                   for k in arrays if k.endswith('/images')}
+    if not self.splits or 'class_names' not in arrays:
+      raise UserError(f'{path} is not an arrays file of cnnjax (run.py --mode=export writes one)')
+    self.name = f'{arrays["name"]} ({os.path.basename(path)})'
+    self.class_names = [str(n) for n in arrays['class_names']]
+    self.num_classes = len(self.class_names)
+    self.image_shape = next(iter(self.splits.values())).images.shape[1:]
+
+  def _range(self, split):
+    """(split name, start, stop) of a split or slice."""
+    m = _SLICE.match(split.replace(' ', ''))
+    if not m or m.group(1) not in self.splits:
+      raise UserError(f'bad split {split!r} for {self.name}: its splits are '
+                      f'{", ".join(sorted(self.splits))}, or slices of them such as '
+                      f'{next(iter(self.splits))}[:100]')
+    n = len(self.splits[m.group(1)])
+    def bound(text, default):
+      if not text:
+        return default
+      value = int(text.rstrip('%'))
+      return round(value * n / 100) if text.endswith('%') else value
+    start, stop, _ = slice(bound(m.group(2), 0), bound(m.group(3), n)).indices(n)
+    return m.group(1), start, max(start, stop)
+
+  def num_examples(self, split):
+    _, start, stop = self._range(split)
+    return stop - start
+
+  def load(self, split):
+    name, start, stop = self._range(split)
+    whole = self.splits[name]
+    return Split(whole.images[start:stop], whole.labels[start:stop].astype(np.int32))
+
+  def shard(self, split, index, count):
+    name, start, stop = self._range(split)
+    bounds = np.linspace(start, stop, count + 1).round().astype(int)
+    return f'{name}[{bounds[index]}:{bounds[index + 1]}]'
+
+
+def export(source, splits, path):
+  """Writes `splits` of `source` ({name in the file: split of source}) as an arrays file:
+  what a machine without TensorFlow or TFDS trains from (config.dataset = path)."""
+  arrays = {'name': np.array(source.name), 'class_names': np.array(source.class_names)}
+  for name, split in splits.items():
+    part = source.load(split)
+    arrays[f'{name}/images'], arrays[f'{name}/labels'] = part.images, part.labels
+  tmp = f'{path}.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+  return {name: len(arrays[f'{name}/labels']) for name in splits}
+
+
 def info(name, data_dir=None, download=True):
-  """The TFDS builder for `name`, prepared (downloaded) if needed."""
+  """The Source of config.dataset: an arrays file (a path ending in .npz), else the TFDS
+  dataset of that name, prepared (downloaded) if needed."""
+  if name.endswith(ARRAYS_SUFFIX):
+    return ArraysSource(os.path.expanduser(name))
   builder = _builder(name, data_dir)
   _prepare(builder, name, download)
-  features = builder.info.features
-  if 'image' not in features or 'label' not in features:
-    raise UserError(f'dataset {name!r} has no image/label features; cnnjax trains image classifiers')
-  return builder
-
-
-def num_examples(builder, split):
-  """The size of `split` (slices too) from TFDS's metadata, without reading it."""
-  try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError) as e:
-    raise UserError(f'bad split {split!r} for {builder.name}: {e}') from None
-
-
-def load(builder, split):
-  """The whole `split` (TFDS split syntax, e.g. 'train[:512]') as uint8 arrays in memory."""
-  import tensorflow as tf
-  try:
-    ds = builder.as_dataset(split=split, shuffle_files=False)
-  except ValueError as e:
-    raise UserError(f'bad split {split!r} for {builder.name}: {e}') from None
-  ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=tf.data.AUTOTUNE)
-  images, labels = [], []
-  for x, y in ds.batch(4096).prefetch(2).as_numpy_iterator():
-    images.append(x)
-    labels.append(y)
-  return Split(np.concatenate(images), np.concatenate(labels).astype(np.int32))
-
-
-def shard(split, index, count):
-  """The TFDS instruction for part `index` of `count` near-equal parts of `split`."""
-  import tensorflow_datasets as tfds
-  return tfds.even_splits(split, n=count)[index] if count > 1 else split
+  return TfdsSource(builder)
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,11 +221,11 @@ class TrainShards:
             'label': np.concatenate([sh.labels[idx] for sh, idx in parts])}
 
 
-def load_train(builder, split, batch_size, num_shards, process_index, process_count):
+def load_train(source, split, batch_size, num_shards, process_index, process_count):
   if num_shards % process_count or batch_size % num_shards:
     raise UserError(f'input_shards={num_shards} must be a multiple of the {process_count} '
                     f'process(es) and divide batch_size={batch_size}')
-  total = num_examples(builder, split)
+  total = source.num_examples(split)
   shard_batch = batch_size // num_shards
   steps_per_epoch = (total // num_shards) // shard_batch
   if steps_per_epoch == 0:
@@ -149,7 +233,7 @@ def load_train(builder, split, batch_size, num_shards, process_index, process_co
                     f'batch_size={batch_size}')
   per_process = num_shards // process_count
   ids = tuple(range(process_index * per_process, (process_index + 1) * per_process))
-  shards = tuple(load(builder, shard(split, i, num_shards)) for i in ids)
+  shards = tuple(source.load(source.shard(split, i, num_shards)) for i in ids)
   return TrainShards(shards, ids, shard_batch, steps_per_epoch)
 
 

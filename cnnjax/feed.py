@@ -120,10 +120,11 @@ class DeviceFeed:
 
 
 def _device_memory():
-  """The smallest local device memory limit in bytes, or None where the device does not
-  report one (the CPU: there the host's memory is the device's, nothing to gain)."""
-  limits = [(d.memory_stats() or {}).get('bytes_limit') for d in jax.local_devices()]
-  return None if None in limits else min(limits)
+  """The smallest local device memory limit in bytes (PJRT's `bytes_limit`, which GPUs
+  report), or None where a device reports none: the CPU (memory_stats() is None; there the
+  host's memory is the device's, nothing to gain), or a plugin's unset field (-1)."""
+  limits = [(d.memory_stats() or {}).get('bytes_limit', -1) for d in jax.local_devices()]
+  return None if min(limits) <= 0 else min(limits)
 
 
 def make(setting, shards, seed, mesh):

@@ -21,6 +21,7 @@ import functools
 import glob
 import importlib.machinery
 import importlib.metadata
+import importlib.util
 import os
 
 import jax
@@ -33,22 +34,55 @@ from cnnjax.errors import UserError
 
 MODES = ('auto', 'onednn', 'xla')
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+# What the installed jaxlib must know for YNN_FLAG to parse (XLA aborts on a flag it does not).
+YNN_FLAG_NEEDS = (b'xla_cpu_experimental_ynn_fusion_type',
+                  b'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')
+
+
+def cpu_is_the_backend():
+  """Whether JAX will run on the CPU, as far as can be known before it starts a backend:
+  JAX_PLATFORMS names the CPU first, or is unset and no accelerator plugin is installed."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return False
+  return not any(importlib.util.find_spec(name) for name in ('jax_plugins', 'libtpu'))
+
+
+def jaxlib_knows(needles):
+  """Whether the installed jaxlib's XLA (its largest shared library) holds every string of
+  `needles`: a flag's name and values, before XLA would parse them (mmap: ~10 ms)."""
+  import mmap
+  import jaxlib
+  libraries = glob.glob(os.path.join(os.path.dirname(jaxlib.__file__), '*.so'))
+  if not libraries:
+    return False
+  with open(max(libraries, key=os.path.getsize), 'rb') as f:
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+      return all(m.find(needle) >= 0 for needle in needles)
 
 
 def _keep_xla_convolutions_off_ynnpack():
-  """Where XLA's own CPU convolutions run (CNNJAX_CPU_KERNELS=xla, no extension), use its
-  Eigen path: jaxlib 0.10 sends them to YNNPACK by default, which made Recipe A's step
-  1.25x slower on this project's machines (docs/RESULTS.md). Set before the CPU backend
-  starts (cnnjax is imported first); a user's own choice of the flag wins."""
+  """Where XLA's own CPU convolutions run (CNNJAX_CPU_KERNELS=auto or xla, no extension),
+  use its Eigen path: with YNNPACK's, jaxlib 0.10.2's default, Recipe A's step on XLA's
+  path is 1.44x and E's 1.56x as slow; on jaxlib 0.12.0.1, E's 1.36x, A's and D's 0.96x
+  (benchmarks/xla_cpu_flags.py; docs/RESULTS.md). Set before the CPU backend starts
+  (cnnjax is imported first); only where the CPU is the backend and the installed jaxlib
+  knows the flag; a user's own choice of the flag wins. Returns whether it was set."""
   flags = os.environ.get('XLA_FLAGS', '')
-  if 'xla_cpu_experimental_ynn_fusion_type' not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {YNN_FLAG}'.strip()
+  if ('xla_cpu_experimental_ynn_fusion_type' in flags or _mode == 'onednn'
+      or not cpu_is_the_backend() or not jaxlib_knows(YNN_FLAG_NEEDS)):
+    return False
+  os.environ['XLA_FLAGS'] = f'{flags} {YNN_FLAG}'.strip()
+  return True
 
 
-_keep_xla_convolutions_off_ynnpack()
-cpu.keep_freed_memory()  # every dispatch would page-fault fresh buffers otherwise
-_HERE = os.path.dirname(os.path.abspath(__file__))
 _mode = os.environ.get('CNNJAX_CPU_KERNELS', 'auto')
+if cpu_is_the_backend():
+  _keep_xla_convolutions_off_ynnpack()
+  cpu.keep_freed_memory()  # every dispatch would page-fault fresh buffers otherwise
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _dnnl_library():

@@ -10,13 +10,9 @@ import jax
 import numpy as np
 
 from cnnjax import (checkpoint, config as config_lib, data, feed, kernels, models, parallel,
-                    plots, state as state_lib, workdir as workdir_lib)
+                    plots, state as state_lib, train, workdir as workdir_lib)
 from cnnjax.errors import UserError
 from cnnjax.report import Reporter, log
-
-
-def num_classes(builder):
-  return builder.info.features['label'].num_classes
 
 
 class Trainer:
@@ -28,17 +24,17 @@ class Trainer:
     self.mesh = parallel.make_mesh()
     parallel.check_divisible('batch_size', config.batch_size, self.mesh)
     parallel.check_divisible('eval_batch_size', config.eval_batch_size, self.mesh)
-    self.builder = data.info(config.dataset, config.data_dir, config.download)
+    self.source = data.info(config.dataset, config.data_dir, config.download)
     # Each process reads only its own part of the data.
     p, count = jax.process_index(), jax.process_count()
-    self.eval_split = data.load(self.builder, data.shard(config.eval_split, p, count))
-    self.eval_total = data.num_examples(self.builder, config.eval_split)
+    self.eval_split = self.source.load(self.source.shard(config.eval_split, p, count))
+    self.eval_total = self.source.num_examples(config.eval_split)
     self.train_data = data.load_train(
-        self.builder, config.train_split, config.batch_size, config.input_shards or count,
+        self.source, config.train_split, config.batch_size, config.input_shards or count,
         p, count) if for_training else None
     self.replicated = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
-    args = (config, num_classes(self.builder), data.num_examples(self.builder, config.train_split),
+    args = (config, self.source.num_classes, self.source.num_examples(config.train_split),
             self.eval_split.images.shape[1:], self.replicated)
     if for_training:
       self.model, self.learning_rate, self.state = state_lib.initial_state(*args)
@@ -49,6 +45,7 @@ class Trainer:
       self.state = state_lib.abstract_state(*args)
       self.feed = None
     self.eval_step = state_lib.jit_eval_step(config, self.replicated)
+    self.eval_accumulate = state_lib.jit_eval_accumulate(config, self.replicated)
 
   def describe(self):
     c = self.config
@@ -58,8 +55,8 @@ class Trainer:
         f'({jax.process_count()} process(es))')
     self.trace_steps()
     log(f'kernels: {kernels.describe()}')
-    num_train = data.num_examples(self.builder, c.train_split)
-    log(f'data: {c.dataset} {c.train_split}={num_train:,} examples, '
+    num_train = self.source.num_examples(c.train_split)
+    log(f'data: {self.source.name} {c.train_split}={num_train:,} examples, '
         f'{c.eval_split}={self.eval_total:,} examples')
     if self.feed:
       log(f'input: {self.feed.description}; {c.steps_per_dispatch} step(s) per dispatch')
@@ -72,21 +69,25 @@ class Trainer:
       jax.eval_shape(self.train_steps, self.state, self.feed.inputs(0, 1), self.feed.data)
     batch = next(data.eval_batches(self.eval_split,
                                    self.config.eval_batch_size // jax.process_count(), 1))
-    jax.eval_shape(self.eval_step, self.state, parallel.put_batch(batch, self.batch_sharding))
+    jax.eval_shape(self.eval_accumulate, train.eval_totals_zero(), self.state,
+                   parallel.put_batch(batch, self.batch_sharding))
 
   def evaluate(self, state):
-    """Precision @ 1 over exactly the examples of the eval split, on every device."""
-    totals = {'correct': 0, 'count': 0, 'loss_sum': 0.0}
+    """Precision @ 1 over exactly the examples of the eval split, on every device. The
+    counts add up on the devices and are read once, at the end: between batches nothing
+    waits for the device (a device-to-host read there is an error)."""
     local_batch = self.config.eval_batch_size // jax.process_count()
     largest_part = -(-self.eval_total // jax.process_count())
     batches = data.eval_batches(self.eval_split, local_batch, -(-largest_part // local_batch))
-    for batch in batches:
-      sums = self.eval_step(state, parallel.put_batch(batch, self.batch_sharding))
-      for k in totals:
-        totals[k] += sums[k].item()
-    count = totals['count']
-    return {'precision': totals['correct'] / count, 'correct': totals['correct'],
-            'count': count, 'loss': totals['loss_sum'] / count}
+    totals = jax.device_put(train.eval_totals_zero(), self.replicated)
+    with jax.transfer_guard_device_to_host('disallow'):
+      for batch in batches:
+        totals = self.eval_accumulate(totals, state,
+                                      parallel.put_batch(batch, self.batch_sharding))
+    totals = jax.device_get(totals)
+    correct, count = int(totals['correct']), int(totals['count'])
+    return {'precision': correct / count, 'correct': correct, 'count': count,
+            'loss': float(totals['loss_sum']) / count}
 
   def train(self, state, start, end, inputs=None):
     """Train steps start..end-1 in one dispatch (asynchronous): (state, each step's
@@ -140,8 +141,11 @@ def train_and_evaluate(config, workdir):
   finally:
     ckpt.close()
   if jax.process_index() == 0:
-    for path in plots.write(workdir):
-      log(f'wrote {path}')
+    try:
+      for path in plots.write(workdir):
+        log(f'wrote {path}')
+    except UserError as e:  # the run itself is done and saved
+      log(f'no plots: {e}')
   return dict(result, state=state)
 
 

@@ -25,7 +25,11 @@ def write(workdir):
   evals = [r for r in records if r['kind'] == 'eval']
   if not train and not evals:
     raise UserError(f'no metrics in {os.path.join(workdir, METRICS_FILE)}: train there first')
-  import matplotlib
+  try:
+    import matplotlib
+  except ImportError:
+    raise UserError('the plots need matplotlib, which is not installed (pip install '
+                    'matplotlib, then run.py --mode=plot)') from None
   matplotlib.use('Agg')  # files only, no display
   import matplotlib.pyplot as plt
   recipe = _recipe(workdir)

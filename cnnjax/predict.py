@@ -40,17 +40,17 @@ class Predictor:
     config = config or workdir_lib.load_saved_config(workdir)
     if config is None:
       raise UserError(f'no config.json in {workdir}: train there first, or pass --config')
-    self.builder = data.info(config.dataset, config.data_dir, config.download)
-    image = self.builder.info.features['image']
-    self.size, self.channels = tuple(image.shape[:2]), image.shape[2]
+    self.source = data.info(config.dataset, config.data_dir, config.download)
+    shape = self.source.image_shape
+    self.size, self.channels = tuple(shape[:2]), shape[2]
     if None in self.size:
       raise UserError(f'{config.dataset} has images of varying size; predict needs a fixed one')
-    self.names = self.builder.info.features['label'].names
+    self.names = self.source.class_names
     if not os.path.isdir(workdir_lib.checkpoints_dir(workdir)):
       raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
     replicated = parallel.replicated(parallel.make_mesh())
     like = state_lib.abstract_state(
-        config, len(self.names), data.num_examples(self.builder, config.train_split),
+        config, len(self.names), self.source.num_examples(config.train_split),
         (*self.size, self.channels), replicated)
     ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)
     try:

@@ -130,6 +130,39 @@ def test_auto_puts_the_data_on_devices_that_report_room_for_it(monkeypatch):
   assert isinstance(feed.make('true', shards, 0, mesh), feed.DeviceFeed)
 
 
+class FakeGpu:
+  """A device as jax 0.10-0.12 shows a GPU: memory_stats() with PJRT's allocator fields."""
+  def __init__(self, bytes_limit):
+    self.bytes_limit = bytes_limit
+
+  def memory_stats(self):
+    return {'bytes_in_use': 1 << 20, 'bytes_limit': self.bytes_limit, 'bytes_reserved': 0,
+            'largest_alloc_size': 1 << 20, 'num_allocs': 7, 'peak_bytes_in_use': 1 << 20,
+            'pool_bytes': self.bytes_limit, 'peak_pool_bytes': self.bytes_limit}
+
+
+def test_auto_follows_the_memory_a_gpu_reports(monkeypatch):
+  trainer = loop.Trainer(config())
+  shards, mesh = trainer.train_data, trainer.mesh
+  need = feed.Layout.of(shards, jax.local_device_count()).bytes_per_device(shards)
+  real = jax.local_devices()
+  def report(*limits):  # one fake device per real one, through the real _device_memory
+    monkeypatch.setattr(feed.jax, 'local_devices', lambda: [FakeGpu(l) for l in limits])
+  h200 = 150_000_000_000  # what an H200 reports, about 139.7 GiB
+  report(h200)
+  made = feed.make('auto', shards, 0, mesh)
+  assert isinstance(made, feed.DeviceFeed) and '139.7 GiB' in made.description
+  report(int(need / feed.DEVICE_MEMORY_FRACTION) - 1)  # too small to hold it
+  assert isinstance(feed.make('auto', shards, 0, mesh), feed.HostFeed)
+  report(h200, int(need / feed.DEVICE_MEMORY_FRACTION) - 1)  # the smallest device decides
+  assert isinstance(feed.make('auto', shards, 0, mesh), feed.HostFeed)
+  report(-1)  # a plugin that leaves the field unset
+  made = feed.make('auto', shards, 0, mesh)
+  assert isinstance(made, feed.HostFeed) and 'reports no memory size' in made.description
+  monkeypatch.setattr(feed.jax, 'local_devices', lambda: real)
+  assert feed._device_memory() is None  # this CPU: memory_stats() is None
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('data_on_device', 'yes', "data_on_device must be 'auto', 'true' or 'false', got 'yes'"),
     ('steps_per_dispatch', 0, 'steps_per_dispatch must be positive, got 0')])
@@ -147,10 +180,10 @@ import jax, numpy as np
 from cnnjax import data, feed, parallel
 from tests.conftest import small_config
 c = small_config(train_split='train[:256]', batch_size=32)
-builder = data.info(c.dataset)
+source = data.info(c.dataset)
 mesh = parallel.make_mesh()
 for num_shards in (1, 2, 4, 8, 16):
-  shards = data.load_train(builder, c.train_split, c.batch_size, num_shards, 0, 1)
+  shards = data.load_train(source, c.train_split, c.batch_size, num_shards, 0, 1)
   host = feed.HostFeed(shards, c.seed, mesh)
   device = feed.DeviceFeed(shards, c.seed, mesh, feed.Layout.of(shards, 8))
   gather = jax.jit(lambda data, rows: jax.lax.map(lambda r: device.fetch(data, r), rows))

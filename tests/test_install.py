@@ -24,3 +24,21 @@ def test_gpu_extras_pin_the_same_jax_as_the_cpu_install_and_jax_offers_them():
     plugins = [r for r in jax_requires
                if r.marker and r.marker.evaluate({'extra': jax_extra}) and 'plugin' in r.name]
     assert plugins and all(r.specifier.contains(installed) for r in plugins), plugins
+
+
+def test_the_extension_builds_against_the_jax_range_it_runs_with_and_flax_follows_python():
+  toml = tomllib.loads((ROOT / 'pyproject.toml').read_text())
+  deps = [Requirement(r) for r in toml['project']['dependencies']]
+  (run_jax,) = [r for r in deps if r.name == 'jax']
+  (build_jax,) = [Requirement(r) for r in toml['build-system']['requires']
+                  if Requirement(r).name == 'jax']
+  assert build_jax.specifier == run_jax.specifier
+  # The requirements that apply to this Python hold for what is installed (flax's differ
+  # by Python: 0.12.9+ need 3.12 and jax 0.11.1; 0.12.8's nnx breaks on jax 0.11).
+  for r in deps:
+    if (r.marker is None or r.marker.evaluate()) and r.name in ('jax', 'flax', 'optax',
+                                                                'orbax-checkpoint'):
+      assert r.specifier.contains(importlib.metadata.version(r.name)), r
+  flax = {str(r.marker): r.specifier for r in deps if r.name == 'flax'}
+  assert sorted(flax) == ['python_version < "3.12"', 'python_version >= "3.12"']
+  assert not flax['python_version >= "3.12"'].contains('0.12.8')

@@ -189,6 +189,8 @@ def test_the_machine_line_names_the_cpu_and_its_caps():
   assert line.startswith(f'CPU: {cpu.model()}, {cpu.cores()} cores, {cpu.vector_isa()}; ISA caps: ')
 
 
+@pytest.mark.skipif(cpu.vector_isa() == 'avx2', reason='an AVX2 machine runs these '
+                    'paths natively: tests/test_ops.py itself checks them')
 def test_tf_fidelity_holds_on_the_avx2_paths():
   """The TF op tests again in a process capped at AVX2: oneDNN's AVX2 kernels, and XLA's
   LRN where oneDNN has only its reference one (on an AVX2 machine: its native paths)."""

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import ops
+from cnnjax import kernels, ops
 
 LRN_RECIPES = {
     'recipe_a': dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75),
@@ -115,16 +115,49 @@ def test_l2_loss_matches_tf(tf):
   np.testing.assert_allclose(ops.l2_loss(jnp.asarray(w)), tf.nn.l2_loss(w).numpy(), rtol=1e-6)
 
 
-def test_xla_convolutions_are_kept_off_ynnpack_unless_the_user_chose():
+IMPORT_AND_PRINT_XLA_FLAGS = 'import os, cnnjax.kernels; print(os.environ.get("XLA_FLAGS"))'
+
+
+def xla_flags_after_import(**env):
   import subprocess
   import sys
-  code = 'import os, cnnjax.kernels; print(os.environ["XLA_FLAGS"])'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                       check=True).stdout.strip()
-  from cnnjax import kernels
-  assert out == kernels.YNN_FLAG
+  env = {k: v for k, v in {**os.environ, **env}.items()
+         if k not in ('XLA_FLAGS', 'JAX_PLATFORMS') or k in env}
+  return subprocess.run([sys.executable, '-c', IMPORT_AND_PRINT_XLA_FLAGS], capture_output=True,
+                        text=True, env=env, check=True).stdout.strip()
+
+
+def test_xla_convolutions_are_kept_off_ynnpack_unless_the_user_chose():
+  assert xla_flags_after_import() == kernels.YNN_FLAG
   mine = '--xla_cpu_experimental_ynn_fusion_type='
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                       env=dict(env, XLA_FLAGS=mine), check=True).stdout.strip()
-  assert out == mine
+  assert xla_flags_after_import(XLA_FLAGS=mine) == mine
+
+
+def test_no_xla_cpu_flag_where_a_gpu_plugin_is_installed_or_another_platform_asked(tmp_path):
+  # A GPU user's environment: jax finds its CUDA plugin through the jax_plugins entry point.
+  plugin = tmp_path / 'jax_cuda13_plugin-0.12.0.dist-info'
+  plugin.mkdir()
+  (plugin / 'METADATA').write_text('Metadata-Version: 2.1\nName: jax-cuda13-plugin\n'
+                                   'Version: 0.12.0\n')
+  (plugin / 'entry_points.txt').write_text('[jax_plugins]\nxla_cuda13 = jax_cuda13_plugin\n')
+  path = f'{tmp_path}{os.pathsep}{os.environ.get("PYTHONPATH", "")}'
+  assert xla_flags_after_import(PYTHONPATH=path) == 'None'  # left as the user gave it
+  assert xla_flags_after_import(PYTHONPATH=path, JAX_PLATFORMS='cpu') == kernels.YNN_FLAG
+  assert xla_flags_after_import(JAX_PLATFORMS='cuda') == 'None'
+  assert xla_flags_after_import(JAX_PLATFORMS='cuda', XLA_FLAGS='--xla_dump_to=x') == \
+      '--xla_dump_to=x'
+
+
+def test_the_xla_cpu_flag_only_where_the_installed_jaxlib_knows_it(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  assert kernels.jaxlib_knows((b'xla_force_host_platform_device_count',))  # the tests use it
+  assert not kernels.jaxlib_knows((b'xla_cpu_no_such_flag_in_any_jaxlib',))
+  if kernels.jaxlib_knows(kernels.YNN_FLAG_NEEDS):
+    assert kernels._keep_xla_convolutions_off_ynnpack()
+    assert os.environ['XLA_FLAGS'] == kernels.YNN_FLAG
+    monkeypatch.delenv('XLA_FLAGS')
+  # A jaxlib that dropped or renamed the flag (or its value): XLA would abort on it.
+  monkeypatch.setattr(kernels, 'YNN_FLAG_NEEDS', (b'xla_cpu_no_such_flag_in_any_jaxlib',))
+  assert not kernels._keep_xla_convolutions_off_ynnpack()
+  assert 'XLA_FLAGS' not in os.environ

@@ -86,14 +86,16 @@ def relative_error(x, y):
 
 def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
   # VGG-16: batch-norm statistics of the global batch, dropout masks drawn for the
-  # global batch, so the device count changes nothing but float summation order. Both runs
-  # take XLA's kernels: CNNJAX_CPU_KERNELS=auto may choose oneDNN for a batch of 16 and XLA
-  # for 2 per device, and thirteen batch norms amplify the two libraries' float32 rounding
-  # to 8e-3 (AMD EPYC Zen 5) and 3.4e-2 (a CI machine) of an update. On one path, 1 and 8
-  # devices differ by 5e-5 (the same natively and under --xla_cpu_max_isa=AVX2); a wrong
-  # reduction (per-device BN statistics, a missing gradient average, equal dropout masks per
-  # device) is off by order 1. So compare each layer's update (not the params, which barely
-  # move in 2 steps) by norm, at 2e-3.
+  # global batch, so the device count changes only float summation order, which thirteen
+  # batch norms over 16 images (the last ones over 2x2 and 1x1 maps) amplify. Measured, on
+  # XLA's kernels for both runs: the updates of 1 and 8 devices differ by 5e-5 (jax 0.10.2,
+  # AMD EPYC Zen 5, natively and under --xla_cpu_max_isa=AVX2) and by up to 4.5e-2 of a
+  # layer's update (jax 0.12.0.1 there, and a CI machine on jax 0.10.2: the same 3.4e-2 for
+  # bn1_1's bias on both, the one-device run's second loss 3.76407 against 3.76394). Mixing
+  # the two CPU paths differs by 8e-3, so both runs take XLA's. A wrong reduction is off
+  # by order 1 (a missing gradient average: 7x; per-device statistics over 2 images, or
+  # one dropout mask per device: most of the update). So compare each layer's update (not
+  # the params, which barely move in 2 steps) by norm, at 0.15.
   _, _, initial = state_lib.initial_state(recipe_config('cifar_vgg16', **VGG), 10, 50000,
                                          (32, 32, 3), parallel.replicated(parallel.make_mesh()))
   states = []
@@ -115,7 +117,7 @@ def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
   for (path, u1), u8 in zip(flat, jax.tree.leaves(updates[1]), strict=True):
     if jax.tree_util.keystr(path) == "['fc1']['bias']":
       continue  # feeds batch norm, so its true gradient is 0: its update is pure rounding
-    assert relative_error(u1, u8) < 2e-3, jax.tree_util.keystr(path)
+    assert relative_error(u1, u8) < 0.15, jax.tree_util.keystr(path)
     checked += 1
   assert checked > 40
   for x, y in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats)):

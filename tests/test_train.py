@@ -64,3 +64,39 @@ def test_evaluation_counts_exactly_the_split_and_matches_unbatched(trainer):
   images = augment.preprocess(None, jnp.asarray(split.images), trainer.config.augment, train=False)
   logits = trainer.state.apply_fn({'params': trainer.state.params}, images)
   assert result['correct'] == int(jnp.sum(jnp.argmax(logits, -1) == split.labels))
+
+
+class Sealed:
+  """A device value the evaluation loop may pass along but not read: any conversion raises."""
+  def __init__(self, value):
+    self.value = value
+
+  def _read(self, *args):
+    raise AssertionError('the evaluation read its running totals before the end')
+
+  __float__ = __int__ = __bool__ = __array__ = __index__ = item = tolist = _read
+
+
+def test_evaluation_reads_the_device_once_and_sums_as_the_batches_do(trainer, monkeypatch):
+  # Between batches the loop only passes the running totals back to the device (on a GPU
+  # a read there would also trip jax's transfer guard; on the CPU the guard does not apply):
+  # they come back in one jax.device_get at the end.
+  from cnnjax import data, parallel
+  reads, calls = [], []
+  accumulate, device_get = trainer.eval_accumulate, jax.device_get
+  def sealed_accumulate(totals, state, batch):
+    calls.append(1)
+    totals = jax.tree.map(lambda v: v.value if isinstance(v, Sealed) else v, totals)
+    return {k: Sealed(v) for k, v in accumulate(totals, state, batch).items()}
+  monkeypatch.setattr(trainer, 'eval_accumulate', sealed_accumulate)
+  monkeypatch.setattr(jax, 'device_get', lambda x: reads.append(x) or device_get(
+      {k: v.value for k, v in x.items()}))
+  result = trainer.evaluate(trainer.state)
+  assert len(reads) == 1 and sorted(reads[0]) == ['correct', 'count', 'loss_sum']
+  per_batch = [trainer.eval_step(trainer.state, parallel.put_batch(b, trainer.batch_sharding))
+               for b in data.eval_batches(trainer.eval_split, trainer.config.eval_batch_size)]
+  assert len(calls) == len(per_batch) > 1
+  assert result['correct'] == sum(int(s['correct']) for s in per_batch)
+  assert result['count'] == sum(int(s['count']) for s in per_batch) == len(trainer.eval_split)
+  np.testing.assert_allclose(result['loss'] * result['count'],
+                             sum(float(s['loss_sum']) for s in per_batch), rtol=1e-6)

@@ -116,14 +116,14 @@ def restored_state(workdir):
 
 def test_predict_gives_the_eval_steps_classes(trained, tmp_path):
   workdir, _ = trained
-  builder = data.info('cifar10')
-  test = data.load(builder, 'test[:8]')
+  source = data.info('cifar10')
+  test = source.load('test[:8]')
   paths = []
   for i, image in enumerate(test.images):
     paths.append(str(tmp_path / f'{i}.png'))
     Image.fromarray(image).save(paths[-1])
   tops = predict.predict(str(workdir), paths, k=3)
-  names = builder.info.features['label'].names
+  names = source.class_names
   predicted = np.array([names.index(top[0][0]) for top in tops])
 
   trainer, state = restored_state(workdir)
