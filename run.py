@@ -175,10 +175,19 @@ def export(config, out):
         f'; train from it with --config.dataset={out}')
 
 
+# Flags that act in some modes only: given in another, they would do nothing.
+MODE_FLAGS = {'step': ('eval',), 'images': ('predict',), 'top_k': ('predict',),
+              'out': ('export',), 'config': ('train', 'eval', 'predict', 'bench', 'export')}
+
+
 def main(argv):
   mode = _MODE.value
   if mode not in MODES:
     fail(f'unknown mode {mode!r} (modes: {", ".join(MODES)})')
+  for name, modes in MODE_FLAGS.items():
+    if flags.FLAGS[name].present and mode not in modes:
+      fail(f'--{name} does nothing with --mode={mode} (it is for --mode='
+           f'{" / --mode=".join(modes)})')
   extra = argv[1:]
   if extra and mode != 'predict':
     fail(f'unexpected arguments: {" ".join(extra)}')

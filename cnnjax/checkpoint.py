@@ -1,7 +1,7 @@
 """Checkpoints in the workdir through an orbax CheckpointManager.
 
 The saved state is the whole TrainState (params, optimizer state, step, base
-PRNG key); the input position is a function of the step (data.train_batch), so
+PRNG key); the input position is a function of the step (data.TrainShards.batch), so
 restoring the state restores the whole run, bit for bit.
 
 Orbax writes each save to a temporary directory and renames it when complete,

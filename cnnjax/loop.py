@@ -37,7 +37,7 @@ class Trainer:
     args = (config, self.source.num_classes, self.source.num_examples(config.train_split),
             self.eval_split.images.shape[1:], self.replicated)
     if for_training:
-      self.model, self.learning_rate, self.state = state_lib.initial_state(*args)
+      _, self.learning_rate, self.state = state_lib.initial_state(*args)
       self.feed = feed.make(config.data_on_device, self.train_data, config.seed, self.mesh)
       self.train_steps = state_lib.jit_train_steps(config, self.state.params, self.replicated,
                                                    self.feed.fetch, self.learning_rate)
@@ -123,7 +123,7 @@ def train_and_evaluate(config, workdir):
   signal stopped it, and the final TrainState this process holds under `state`.
   """
   workdir_lib.prepare(workdir)
-  workdir_lib.check_resumable(config, workdir)
+  changed_order = workdir_lib.check_resumable(config, workdir)
   trainer = Trainer(config)
   trainer.describe()
   ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
@@ -131,6 +131,8 @@ def train_and_evaluate(config, workdir):
     start, state = ckpt.restore_latest(trainer.state, report=log)
     if start is not None:
       log(f'resumed from the checkpoint at step {start}')
+      for notice in changed_order:
+        log(f'resumed with {notice}')
     workdir_lib.write_config(config, workdir)
     reporter = Reporter(workdir, start or 0, config.num_train_steps, config.progress)
     try:

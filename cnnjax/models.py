@@ -28,11 +28,11 @@ def names():
   return sorted(_MODELS)
 
 
-def create(name, num_classes, **kwargs):
+def create(name, num_classes):
   """The registered model `name`; KeyError lists the known names."""
   if name not in _MODELS:
     raise KeyError(f'unknown model {name!r}; known models: {", ".join(names())}')
-  return _MODELS[name](num_classes=num_classes, **kwargs)
+  return _MODELS[name](num_classes=num_classes)
 
 
 def truncated_normal(stddev):

@@ -47,8 +47,7 @@ def covered(record, step):
 
 
 def use_bar(progress, stream):
-  if progress not in ('auto', 'bar', 'lines'):
-    raise ValueError(progress)
+  """progress ('auto' | 'bar' | 'lines', checked by config.validate) on this stream."""
   return progress == 'bar' or (progress == 'auto' and stream.isatty())
 
 

@@ -53,16 +53,25 @@ def load_saved_config(workdir):
   return config
 
 
+# What fixes which examples each step trains on: resuming with another value is allowed,
+# and said, since the run is then no longer the uninterrupted one.
+ORDER_FIELDS = ('seed', 'train_split', 'batch_size', 'input_shards')
+
+
 def check_resumable(config, workdir):
-  """UserError if config.json in workdir has other values for STATE_FIELDS."""
+  """UserError if config.json in workdir has other values for STATE_FIELDS; else the
+  ORDER_FIELDS that changed, as one-line notices (none for a fresh workdir)."""
   saved = load_saved_config(workdir)
   if saved is None:
-    return
+    return []
   for field, value in STATE_FIELDS.items():
     before, now = value(saved), value(config)
     if before != now:
       raise UserError(f'workdir {workdir} was trained with {field}={before!r}, this config has '
                       f'{field}={now!r}; use a new --workdir (or the same {field})')
+  return [f'{field}={config[field]!r} (the run was trained with {saved[field]!r}): from here '
+          'on the batches are not those of the uninterrupted run'
+          for field in ORDER_FIELDS if saved.get(field) != config[field]]
 
 
 def write_config(config, workdir):

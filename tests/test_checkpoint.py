@@ -67,6 +67,33 @@ def test_incompatible_config_is_refused_harmless_changes_are_not(tmp_path):
   assert result['step'] == 6
 
 
+@pytest.mark.parametrize('field,value', [
+    ('model', 'cifar_deep'), ('dataset', 'mnist'), ('optimizer', 'sgd'), ('ema_decay', 0.999)])
+def test_each_field_that_fixes_the_state_is_refused_on_resume(tmp_path, field, value):
+  from cnnjax import workdir as workdir_lib
+  workdir_lib.write_config(tiny(), str(tmp_path))
+  assert workdir_lib.check_resumable(tiny(), str(tmp_path)) == []
+  name = 'ema_decay > 0' if field == 'ema_decay' else field
+  with pytest.raises(UserError, match=rf'was trained with {re.escape(name)}=.*; use a new '):
+    workdir_lib.check_resumable(tiny(**{field: value}), str(tmp_path))
+
+
+def test_resume_with_another_data_order_says_so(tmp_path, capsys):
+  from cnnjax import workdir as workdir_lib
+  loop.train_and_evaluate(tiny(num_train_steps=2), str(tmp_path))
+  for field in workdir_lib.ORDER_FIELDS:  # each is allowed, and named
+    value = {'seed': 7, 'train_split': 'train[:128]', 'batch_size': 16, 'input_shards': 2}[field]
+    notices = workdir_lib.check_resumable(tiny(**{field: value}), str(tmp_path))
+    assert len(notices) == 1 and notices[0].startswith(f'{field}={value!r} (the run was '
+                                                       f'trained with {tiny()[field]!r})')
+  capsys.readouterr()
+  loop.train_and_evaluate(tiny(num_train_steps=4, seed=7), str(tmp_path))
+  out = capsys.readouterr().out
+  assert re.search(r'^resumed from the checkpoint at step 2\nresumed with seed=7 \(the run was '
+                   rf'trained with {tiny().seed}\): from here on the batches are not those of '
+                   r'the uninterrupted run$', out, re.M), out
+
+
 def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
   loop.train_and_evaluate(tiny(num_train_steps=2, checkpoint_every=1, optimizer='sgd'), str(tmp_path))
   # Resumed at a rate that diverges at once, checkpointing every step.

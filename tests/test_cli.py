@@ -53,6 +53,20 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
   assert message in result.stderr
 
 
+@pytest.mark.parametrize('args,message', [
+    (['--mode=train', '--step', '3'], '--step does nothing with --mode=train (it is for --mode=eval)'),
+    (['--mode=eval', '--top_k=2'], '--top_k does nothing with --mode=eval (it is for --mode=predict)'),
+    (['--mode=bench', '--images', 'a.png'],
+     '--images does nothing with --mode=bench (it is for --mode=predict)'),
+    (['--out', 'x.npz'], '--out does nothing with --mode=train (it is for --mode=export)'),
+    (['--mode=plot'], '--config does nothing with --mode=plot (it is for --mode=train / '
+                      '--mode=eval / --mode=predict / --mode=bench / --mode=export)'),
+])
+def test_a_flag_that_would_do_nothing_in_the_mode_is_one_line(tmp_path, args, message):
+  result = run('--workdir', str(tmp_path), *args)  # run() passes --config
+  assert result.returncode == 2 and result.stderr.strip() == f'error: {message}'
+
+
 def test_missing_offline_data_names_tfds_data_dir(tmp_path):
   empty = tmp_path / 'no-data'
   empty.mkdir()
@@ -96,7 +110,7 @@ def test_unreachable_network_fails_at_once_without_trying_to_download(tmp_path, 
 
 def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
   no_config = subprocess.run([sys.executable, 'run.py', '--mode=eval', '--workdir', str(tmp_path)],
-                             cwd=ROOT, capture_output=True, text=True)
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert no_config.returncode == 2
   assert no_config.stderr.strip() == f'error: no config.json in {tmp_path}: pass --config, or train there first'
   no_ckpt = run('--mode=eval', '--workdir', str(tmp_path))
@@ -106,7 +120,8 @@ def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
 
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
   missing = subprocess.run([sys.executable, 'run.py', '--config', 'configs/nope.py',
-                            '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+                            '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
   assert missing.returncode == 2
   assert missing.stderr.strip() == (
       "error: cannot load config file 'configs/nope.py': "

@@ -124,7 +124,7 @@ def xla_flags_after_import(**env):
   env = {k: v for k, v in {**os.environ, **env}.items()
          if k not in ('XLA_FLAGS', 'JAX_PLATFORMS') or k in env}
   return subprocess.run([sys.executable, '-c', IMPORT_AND_PRINT_XLA_FLAGS], capture_output=True,
-                        text=True, env=env, check=True).stdout.strip()
+                        text=True, env=env, check=True, timeout=600).stdout.strip()
 
 
 def test_xla_convolutions_are_kept_off_ynnpack_unless_the_user_chose():

@@ -4,11 +4,13 @@ import json
 import os
 import pty
 import re
+import select
 import shutil
 import struct
 import subprocess
 import sys
 import termios
+import time
 
 import numpy as np
 import pytest
@@ -167,8 +169,12 @@ def test_progress_bar_on_a_terminal_lines_otherwise(tmp_path):
              str(tmp_path), *as_flags(dict(SMALL, num_train_steps=4, eval_every=0))]
   process = subprocess.Popen(command, cwd=ROOT, stdout=terminal, stderr=terminal)
   os.close(terminal)
-  output = b''
+  output, deadline = b'', time.monotonic() + 600
   while True:
+    ready, _, _ = select.select([controller], [], [], max(deadline - time.monotonic(), 0))
+    if not ready:  # a hung run must not hang the suite
+      process.kill()
+      raise AssertionError(f'no end after 600 s: {output[-2000:]!r}')
     try:
       chunk = os.read(controller, 65536)
     except OSError:  # the terminal closed
@@ -200,7 +206,7 @@ def test_bench_mode_prints_the_seeds_summary():
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--mode=fly'], "error: unknown mode 'fly' (modes: train, eval, predict, plot, bench)"),
+    (['--mode=fly'], "error: unknown mode 'fly' (modes: train, eval, predict, plot, bench, export)"),
     (['--mode=plot'], 'error: no metrics in {w}/metrics.jsonl: train there first'),
     (['--mode=predict', '--images', 'a.png'],
      'error: no config.json in {w}: train there first, or pass --config'),
