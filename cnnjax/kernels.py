@@ -68,11 +68,12 @@ def _keep_xla_convolutions_off_ynnpack():
   use its Eigen path: with YNNPACK's, jaxlib 0.10.2's default, Recipe A's step on XLA's
   path is 1.44x and E's 1.56x as slow; on jaxlib 0.12.0.1, E's 1.36x, A's and D's 0.96x
   (benchmarks/xla_cpu_flags.py; docs/RESULTS.md). Set before the CPU backend starts
-  (cnnjax is imported first); only where the CPU is the backend and the installed jaxlib
-  knows the flag; a user's own choice of the flag wins. Returns whether it was set."""
+  (cnnjax is imported first), where the CPU is the backend (the caller checks) and the
+  installed jaxlib knows the flag; a user's own choice of the flag wins. Returns whether
+  it was set."""
   flags = os.environ.get('XLA_FLAGS', '')
   if ('xla_cpu_experimental_ynn_fusion_type' in flags or _mode == 'onednn'
-      or not cpu_is_the_backend() or not jaxlib_knows(YNN_FLAG_NEEDS)):
+      or not jaxlib_knows(YNN_FLAG_NEEDS)):
     return False
   os.environ['XLA_FLAGS'] = f'{flags} {YNN_FLAG}'.strip()
   return True

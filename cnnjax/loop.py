@@ -44,7 +44,6 @@ class Trainer:
     else:  # a checkpoint will fill it: its shapes and shardings are enough, nothing computed
       self.state = state_lib.abstract_state(*args)
       self.feed = None
-    self.eval_step = state_lib.jit_eval_step(config, self.replicated)
     self.eval_accumulate = state_lib.jit_eval_accumulate(config, self.replicated)
 
   def describe(self):

@@ -65,11 +65,6 @@ def jit_train_steps(config, params, sharding, fetch, learning_rate):
       out_shardings=(sharding, sharding), donate_argnums=0)
 
 
-def jit_eval_step(config, sharding):
-  return jax.jit(functools.partial(train.eval_step, augment_cfg=config.augment.lock()),
-                 out_shardings=sharding)
-
-
 def jit_eval_accumulate(config, sharding):
   """train.eval_accumulate jitted: accumulate(totals, state, batch) -> new totals, on the
   devices (it donates the totals it is given)."""

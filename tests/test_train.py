@@ -93,7 +93,8 @@ def test_evaluation_reads_the_device_once_and_sums_as_the_batches_do(trainer, mo
       {k: v.value for k, v in x.items()}))
   result = trainer.evaluate(trainer.state)
   assert len(reads) == 1 and sorted(reads[0]) == ['correct', 'count', 'loss_sum']
-  per_batch = [trainer.eval_step(trainer.state, parallel.put_batch(b, trainer.batch_sharding))
+  per_batch = [accumulate(train.eval_totals_zero(), trainer.state,
+                          parallel.put_batch(b, trainer.batch_sharding))
                for b in data.eval_batches(trainer.eval_split, trainer.config.eval_batch_size)]
   assert len(calls) == len(per_batch) > 1
   assert result['correct'] == sum(int(s['correct']) for s in per_batch)

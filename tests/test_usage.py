@@ -131,7 +131,7 @@ def test_predict_gives_the_eval_steps_classes(trained, tmp_path):
   trainer, state = restored_state(workdir)
   batch = {'image': test.images, 'label': predicted.astype(np.int32),
            'mask': np.ones(len(paths), bool)}
-  sums = trainer.eval_step(state, batch)
+  sums = trainer.eval_accumulate(train.eval_totals_zero(), state, batch)
   assert int(sums['correct']) == len(paths)  # the eval step agrees with every prediction
   logits = np.asarray(train.eval_logits(state, test.images, augment_cfg=trainer.config.augment))
   probs = np.exp(logits - logits.max(1, keepdims=True))
