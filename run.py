@@ -177,7 +177,8 @@ def export(config, out):
 
 # Flags that act in some modes only: given in another, they would do nothing.
 MODE_FLAGS = {'step': ('eval',), 'images': ('predict',), 'top_k': ('predict',),
-              'out': ('export',), 'config': ('train', 'eval', 'predict', 'bench', 'export')}
+              'out': ('export',), 'config': ('train', 'eval', 'predict', 'bench', 'export'),
+              'workdir': ('train', 'eval', 'plot', 'predict')}
 
 
 def main(argv):

@@ -6,8 +6,9 @@ port of the seeds' whole training scripts (seed 003's cifar10 script for Recipe 
     python benchmarks/tf_reference.py --config configs/cifar_lrn.py [--steps N] [--seed S]
         [--eval_every N] [--checkpoint_dir DIR [--checkpoint_every 1000]] [--isa avx2]
 
-reads the same TFDS data, augments each image on the host with the tf.image ops in a
-parallel tf.data pipeline (as cifar10_input.distorted_inputs' 16 threads), trains
+reads the same TFDS data, augments each batch on the host in a parallel tf.data pipeline
+(as cifar10_input.distorted_inputs' 16 threads; the tf.image ops' per-image draws, batched:
+augment(), the one augmentation of this file, also run inside the step by cpu_vs_tf), trains
 with the seed's log line every log_every steps and evaluates precision @ 1 on exactly
 the eval split every eval_every steps (the config's, as cnnjax, so the two sides'
 curves meet at the same steps) and at the end. With --checkpoint_dir it saves there and
@@ -70,19 +71,9 @@ def he_normal(shape, seed):
   return tf.random.stateless_truncated_normal(shape, (seed, 0), stddev=(2.0 / fan_in) ** 0.5 / .87962566)
 
 
-def glorot(shape, seed):
-  fan_in, fan_out = 1, shape[-1]
-  for d in shape[:-1]:
-    fan_in *= d
-  if len(shape) == 4:
-    fan_out *= shape[0] * shape[1]
-  limit = (6.0 / (fan_in + fan_out)) ** 0.5
-  return tf.random.stateless_uniform(shape, (seed, 0), -limit, limit)
-
-
-def conv(p, name, x, size, features, w_init, b_init=None, stride=1):
+def conv(p, name, x, size, features, w_init, b_init=None):
   w = p.get(f'{name}/kernel', [size, size, x.shape[-1], features], w_init)
-  y = tf.nn.conv2d(x, w, stride, 'SAME')
+  y = tf.nn.conv2d(x, w, 1, 'SAME')
   if b_init is not None:
     y = tf.nn.bias_add(y, p.get(f'{name}/bias', [features], b_init))
   return y
@@ -116,15 +107,15 @@ def lrn_net(module):
 
 
 def mnist_cnn(module):
-  """Recipe D: conv 32 - pool - conv 64 - pool - fc 1024 - dropout 0.5 - fc."""
-  w, b = truncated(0.1), constant(0.1)
+  """Recipe D: conv - pool - conv - pool - fc - dropout - fc, as the Flax module's fields."""
+  w, b = truncated(module.layer_init[0]), constant(module.layer_init[1])
 
   def apply(p, x, train, state):
-    x = max_pool(tf.nn.relu(conv(p, 'conv1', x, 5, 32, w, b)), 2, 2)
-    x = max_pool(tf.nn.relu(conv(p, 'conv2', x, 5, 64, w, b)), 2, 2)
-    x = tf.nn.relu(dense(p, 'fc1', tf.reshape(x, [x.shape[0], -1]), 1024, w, b))
+    for i, width in enumerate(module.widths, start=1):
+      x = max_pool(tf.nn.relu(conv(p, f'conv{i}', x, 5, width, w, b)), 2, 2)
+    x = tf.nn.relu(dense(p, 'fc1', tf.reshape(x, [x.shape[0], -1]), module.hidden, w, b))
     if train:
-      x = tf.nn.dropout(x, 0.5, seed=state['dropout_seed'])
+      x = tf.nn.dropout(x, module.dropout, seed=state['dropout_seed'])
     return dense(p, 'fc2', x, module.num_classes, w, b)
   return apply
 
@@ -330,23 +321,6 @@ class TrainStep:
         v.assign(s)
 
 
-def distort(image, cfg):
-  """cifar10_input.distorted_inputs on one image: the tf.image ops themselves."""
-  x = tf.cast(image, tf.float32)
-  if cfg.crop_size:
-    if cfg.train_crop == 'random':
-      x = tf.image.random_crop(x, [cfg.crop_size, cfg.crop_size, x.shape[-1]])
-    else:
-      x = tf.image.resize_with_crop_or_pad(x, cfg.crop_size, cfg.crop_size)
-  if cfg.flip:
-    x = tf.image.random_flip_left_right(x)
-  if cfg.brightness:
-    x = tf.image.random_brightness(x, cfg.brightness)
-  if cfg.contrast:
-    x = tf.image.random_contrast(x, *cfg.contrast)
-  return tf.image.per_image_standardization(x) if cfg.scale == 'standardize' else x / 255.0
-
-
 def evaluate(step_fn, builder, config):
   """(correct, count) of the evaluation-mode predictions on the whole eval split."""
   import numpy as np
@@ -388,9 +362,10 @@ def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_ever
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   train = (builder.as_dataset(split=config.train_split, as_supervised=True)
            .shuffle(20000, seed=seed).repeat()
-           .map(lambda x, y: (distort(x, cfg), tf.cast(y, tf.int32)),
+           .batch(config.batch_size, drop_remainder=True)
+           .map(lambda x, y: (augment(x, cfg, train=True), tf.cast(y, tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE)
-           .batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+           .prefetch(tf.data.AUTOTUNE)
            .with_options(options))
   batches = iter(train)
   step_fn = TrainStep(config, shape, info.features['label'].num_classes, num_train, seed,

@@ -17,22 +17,39 @@ from cnnjax import config as config_lib, feed, kernels, models, parallel, state 
 from cnnjax.report import log
 from cnnjax.errors import UserError
 
-# (image size, channels, classes) of datasets whose shapes bench knows without TFDS.
-KNOWN_SHAPES = {'cifar10': (32, 3, 10), 'mnist': (28, 1, 10), 'imagenet2012': (224, 3, 1000)}
+# Datasets bench knows without reading them: (classes, image shape, train examples).
+KNOWN_DATASETS = {'cifar10': state_lib.DataSpec(10, (32, 32, 3), 50000),
+                  'mnist': state_lib.DataSpec(10, (28, 28, 1), 60000),
+                  'imagenet2012': state_lib.DataSpec(1000, (224, 224, 3), 1281167)}
+
+
+def bench_config(config):
+  """The config bench runs: config.bench's batch size where it sets one."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = config.bench.batch_size or config.batch_size
+  return config
+
+
+def data_spec(config):
+  """The synthetic dataset's description: config.bench's sizes where it sets them, else the
+  dataset's (read from TFDS or the arrays file where bench does not know it)."""
+  known = KNOWN_DATASETS.get(config.dataset)
+  if known is None:
+    from cnnjax import data
+    known = state_lib.DataSpec.of(data.info(config.dataset, config.data_dir, download=False),
+                                  config.train_split)
+  b = config.bench
+  h, w, channels = known.image_shape
+  return state_lib.DataSpec(b.num_classes or known.num_classes,
+                            (b.image_size or h, b.image_size or w, b.channels or channels),
+                            known.num_train)
 
 
 def input_spec(config):
-  """(batch, image size, channels, classes), from config.bench else the dataset."""
-  b = config.bench
-  if config.dataset in KNOWN_SHAPES:
-    size, channels, classes = KNOWN_SHAPES[config.dataset]
-  else:
-    from cnnjax import data
-    source = data.info(config.dataset, config.data_dir, download=False)
-    size, _, channels = source.image_shape
-    classes = source.num_classes
-  return (b.batch_size or config.batch_size, b.image_size or size, b.channels or channels,
-          b.num_classes or classes)
+  """(batch, image size, channels, classes) of the synthetic batch."""
+  spec = data_spec(config)
+  return (bench_config(config).batch_size, spec.image_shape[0], spec.image_shape[2],
+          spec.num_classes)
 
 
 def time_run(name, fn, burn_in, steps, batch_size, steps_per_call=1):
@@ -72,19 +89,13 @@ class Synthetic:
   """
 
   def __init__(self, config, steps_per_call=None):
-    config_lib.validate(config)
+    config_lib.validate(config)  # before reading a dataset's description
+    config = bench_config(config)
     self.batch, self.size, self.channels, self.classes = input_spec(config)
     mesh = parallel.make_mesh()
-    parallel.check_divisible('batch size', self.batch, mesh)
-    crop = config.augment.crop_size
-    if crop and crop > self.size:
-      raise UserError(f'augment.crop_size={crop} is larger than the {self.size}x{self.size} input')
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    image_shape = (self.size, self.size, self.channels)
-    # 50,000: a nominal train-set size, for schedules counted in epochs.
-    _, learning_rate, self.state = state_lib.initial_state(config, self.classes, 50000,
-                                                           image_shape, replicated)
-    shape = state_lib.input_shape(config, image_shape)
+    run = state_lib.build(config, data_spec(config), mesh)
+    self.state = run.state
+    shape = state_lib.input_shape(config, run.data.image_shape)
     self.host_batch = synthetic_batch(self.batch, self.size, self.channels, self.classes)
     rng = np.random.default_rng(1)
     self.steps_per_call = steps_per_call or config.steps_per_dispatch
@@ -92,14 +103,14 @@ class Synthetic:
         {k: np.stack([v] * self.steps_per_call) for k, v in self.host_batch.items()},
         feed.steps_sharding(mesh))
     self.images = jax.device_put(jnp.asarray(rng.normal(size=(self.batch, *shape)), jnp.float32),
-                                 sharded)
+                                 run.batch_sharded)
     self.variables = {'params': self.state.params}
     if self.state.batch_stats is not None:
       self.variables['batch_stats'] = self.state.batch_stats
     apply_fn = self.state.apply_fn
-    self._forward = jax.jit(lambda v, x: apply_fn(v, x, train=False), out_shardings=sharded)
-    self._steps = state_lib.jit_train_steps(config, self.state.params, replicated,
-                                            feed.HostFeed.fetch, learning_rate)
+    self._forward = run.jit(lambda v, x: apply_fn(v, x, train=False),
+                            out_shardings=run.batch_sharded)
+    self._steps = run.train_steps(feed.HostFeed.fetch)
 
   def forward(self):
     return self._forward(self.variables, self.images)

@@ -8,7 +8,8 @@ Orbax writes each save to a temporary directory and renames it when complete,
 so a process killed mid-save leaves only a `*.orbax-checkpoint-tmp-*` folder,
 which latest_step() ignores and cleanup_tmp_directories removes. A checkpoint
 that is complete but unreadable (a truncated file, a bad disk) is moved to
-`workdir/corrupt_checkpoints/` and the previous one is used.
+`workdir/corrupt_checkpoints/` and the previous one is used; one of a state whose loss
+was not finite, to `workdir/diverged_checkpoints/` (loop.py).
 """
 import os
 import shutil
@@ -102,8 +103,14 @@ class Checkpoints:
                f'{moved} and trying the previous one')
     return None, like
 
-  def _quarantine(self, step):
-    target = os.path.join(self.workdir, 'corrupt_checkpoints', f'{step}-{int(time.time())}')
+  def set_aside(self, from_step, folder):
+    """Moves the checkpoints of `from_step` and later to workdir/folder (never deletes);
+    returns where they went."""
+    self.wait()
+    return [self._quarantine(step, folder) for step in self.steps() if step >= from_step]
+
+  def _quarantine(self, step, folder='corrupt_checkpoints'):
+    target = os.path.join(self.workdir, folder, f'{step}-{int(time.time())}')
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.move(os.path.join(self.directory, str(step)), target)
     self._manager.reload()

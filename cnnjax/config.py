@@ -1,13 +1,13 @@
 """The fields every recipe shares, with their defaults, and their validation.
 
-configs/<recipe>.py start from base_config() and change what the recipe needs.
+configs/<recipe>.py start from base_config() and change what the recipe needs. Loading a
+config imports no jax: validate() imports the name lists it checks against.
 """
 import importlib.util
 
 import ml_collections
 from ml_collections import config_dict
 
-from cnnjax import feed, models, optim, train
 from cnnjax.errors import UserError
 
 
@@ -85,8 +85,12 @@ def no_augmentation(scale='unit'):
                                         brightness=0.0, contrast=(), scale=scale))
 
 
-def validate(c):
-  """Raises UserError naming the first field with a value cnnjax cannot use."""
+def validate(c, data=None, mesh=None, layers=None):
+  """Raises UserError naming the first field with a value cnnjax cannot use: every check
+  of a config is here. The fields alone always; with `data` (state.DataSpec) against the
+  dataset, with `mesh` against the devices and processes, with `layers` (the model's
+  params, or their shapes) the layers weight_loss names. state.build runs all of them."""
+  from cnnjax import feed, models, optim, train  # jax, flax and optax: only when checking
   def need(ok, message):
     if not ok:
       raise UserError(f'bad config: {message}')
@@ -118,3 +122,27 @@ def validate(c):
   if c.schedule == 'exponential_decay':
     need(c.decay_steps > 0 or c.decay_epochs > 0,
          'exponential_decay needs decay_steps > 0 or decay_epochs > 0')
+  if mesh is not None:
+    devices = mesh.devices.size
+    for field in ('batch_size', 'eval_batch_size'):
+      need(c[field] % devices == 0, f'{field}={c[field]} does not divide evenly across '
+           f'{devices} devices; use a multiple of {devices}')
+    processes = len({d.process_index for d in mesh.devices.flat})
+    shards = c.input_shards or processes
+    need(shards % processes == 0 and c.batch_size % shards == 0,
+         f'input_shards={shards} must be a multiple of the {processes} process(es) and '
+         f'divide batch_size={c.batch_size}')
+  if data is not None:
+    h, w, _ = data.image_shape
+    crop = c.augment.crop_size
+    need(not crop or crop <= min(h, w),
+         f'augment.crop_size={crop} is larger than the {h}x{w} input')
+    shards = c.input_shards or (1 if mesh is None else processes)
+    need(data.num_train // shards >= c.batch_size // shards,
+         f'train split {c.train_split!r} has {data.num_train} examples, fewer than '
+         f'batch_size={c.batch_size}')
+  if layers is not None:
+    for name in c.weight_loss:
+      need(name == '*' or (name in layers and 'kernel' in layers[name]),
+           f'weight_loss names {name!r}, which is not a layer of {c.model} '
+           f'(layers: {", ".join(layers)})')

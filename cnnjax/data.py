@@ -222,15 +222,10 @@ class TrainShards:
 
 
 def load_train(source, split, batch_size, num_shards, process_index, process_count):
-  if num_shards % process_count or batch_size % num_shards:
-    raise UserError(f'input_shards={num_shards} must be a multiple of the {process_count} '
-                    f'process(es) and divide batch_size={batch_size}')
+  """This process's TrainShards (config.validate has checked the numbers fit)."""
   total = source.num_examples(split)
   shard_batch = batch_size // num_shards
   steps_per_epoch = (total // num_shards) // shard_batch
-  if steps_per_epoch == 0:
-    raise UserError(f'train split {split!r} has {total} examples, fewer than '
-                    f'batch_size={batch_size}')
   per_process = num_shards // process_count
   ids = tuple(range(process_index * per_process, (process_index + 1) * per_process))
   shards = tuple(source.load(source.shard(split, i, num_shards)) for i in ids)

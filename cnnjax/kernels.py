@@ -156,7 +156,10 @@ def enabled():
 
 @contextlib.contextmanager
 def using(mode):
-  """Temporarily set the mode (tests; jit caches do not see it: trace anew inside)."""
+  """Temporarily set the mode. The mode is read when a function is traced and jit caches
+  do not see it, so only a function jitted inside is sure to use it: the tests' fixtures
+  and state.build's init (a new jitted function each time) do that. A run's mode is
+  CNNJAX_CPU_KERNELS, read once at import."""
   global _mode
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
@@ -238,8 +241,9 @@ def _dims(shape):
 # --- per-device partitioning ------------------------------------------------------------
 
 def _per_device(fn, in_specs, out_specs, batch):
-  """(fn under shard_map over the context mesh's 'batch' axis, or fn on a single device;
-  the batch one device sees).
+  """(fn under shard_map over the context mesh's 'batch' axis (the run's: parallel.scoped
+  puts it there while its steps are traced), or fn on a single device; the batch one
+  device sees).
 
   (None, batch) where it cannot be partitioned that way (no mesh but several devices, a
   mesh without a 'batch' axis over all its devices, or a batch that does not split

@@ -19,32 +19,24 @@ class Trainer:
   """Holds the run's data, jitted steps and state; each method one concern."""
 
   def __init__(self, config, for_training=True):
-    config_lib.validate(config)
+    config_lib.validate(config)  # before reading any data
     self.config = config
     self.mesh = parallel.make_mesh()
-    parallel.check_divisible('batch_size', config.batch_size, self.mesh)
-    parallel.check_divisible('eval_batch_size', config.eval_batch_size, self.mesh)
     self.source = data.info(config.dataset, config.data_dir, config.download)
+    self.run = state_lib.build(config, state_lib.DataSpec.of(self.source, config.train_split),
+                               self.mesh, initial=for_training)
+    self.state, self.eval_accumulate = self.run.state, self.run.eval_accumulate
+    self.replicated, self.batch_sharding = self.run.replicated, self.run.batch_sharded
     # Each process reads only its own part of the data.
     p, count = jax.process_index(), jax.process_count()
     self.eval_split = self.source.load(self.source.shard(config.eval_split, p, count))
     self.eval_total = self.source.num_examples(config.eval_split)
-    self.train_data = data.load_train(
-        self.source, config.train_split, config.batch_size, config.input_shards or count,
-        p, count) if for_training else None
-    self.replicated = parallel.replicated(self.mesh)
-    self.batch_sharding = parallel.batch_sharded(self.mesh)
-    args = (config, self.source.num_classes, self.source.num_examples(config.train_split),
-            self.eval_split.images.shape[1:], self.replicated)
+    self.train_data = self.feed = None  # restoring a checkpoint: the state's shapes suffice
     if for_training:
-      _, self.learning_rate, self.state = state_lib.initial_state(*args)
+      self.train_data = data.load_train(self.source, config.train_split, config.batch_size,
+                                        config.input_shards or count, p, count)
       self.feed = feed.make(config.data_on_device, self.train_data, config.seed, self.mesh)
-      self.train_steps = state_lib.jit_train_steps(config, self.state.params, self.replicated,
-                                                   self.feed.fetch, self.learning_rate)
-    else:  # a checkpoint will fill it: its shapes and shardings are enough, nothing computed
-      self.state = state_lib.abstract_state(*args)
-      self.feed = None
-    self.eval_accumulate = state_lib.jit_eval_accumulate(config, self.replicated)
+      self.train_steps = self.run.train_steps(self.feed.fetch)
 
   def describe(self):
     c = self.config
@@ -137,6 +129,13 @@ def train_and_evaluate(config, workdir):
     try:
       with StopSignals() as stop:
         state, result = _loop(trainer, state, ckpt, stop, reporter)
+    except Diverged as e:
+      # The loss of state s is known only after state s is saved, when s is a checkpoint
+      # step: such a checkpoint goes aside, so a resume starts from a state that trained.
+      moved = ckpt.set_aside(e.step, 'diverged_checkpoints')
+      raise UserError(f'{e}; stopped' + (f', and moved the checkpoint of that state to '
+                                         f'{moved[0]}' if moved else
+                                         ' without checkpointing this state')) from None
     finally:
       reporter.close()
   finally:
@@ -185,6 +184,14 @@ def group_end(step, config):
   return end
 
 
+class Diverged(UserError):
+  """The loss of the state after `step` steps is not finite."""
+
+  def __init__(self, step, loss):
+    super().__init__(f'loss is {loss} at step {step}')
+    self.step = step
+
+
 class _Metrics:
   """Reads each group's per-step metrics one group late (the device never waits for the
   host): checks every step's loss is finite and writes the log lines of its steps."""
@@ -208,8 +215,7 @@ class _Metrics:
     losses = np.asarray(metrics['loss'])  # blocks until the group is done: its time is real
     now = time.perf_counter()
     for offset in np.flatnonzero(~np.isfinite(losses))[:1]:
-      raise UserError(f'loss is {losses[offset]} at step {start + offset}; stopped without '
-                      'checkpointing this state')
+      raise Diverged(start + offset, losses[offset])
     config = self.trainer.config
     logged = [s for s in range(start, end) if s % config.log_every == 0]  # steps 0, 10, 20...
     if not logged:

@@ -115,16 +115,20 @@ def cifar_cookbook(num_classes=10):
 class MnistCnn(nn.Module):
   """Recipe D (seed 003): the TF 'Deep MNIST for experts' network."""
   num_classes: int = 10
+  widths: tuple = (32, 64)  # the two 5x5 convolutions
+  hidden: int = 1024  # the fully connected layer
+  layer_init: tuple = (0.1, 0.1)  # every layer: (truncated-normal stddev, bias constant)
+  dropout: float = 0.5  # keep_prob 0.5, in training only
 
   @nn.compact
   def __call__(self, x, train=False):
     pool = functools.partial(ops.max_pool, window=2, stride=2, padding='SAME')
-    x = pool(conv(32, 0.1, 0.1, 'conv1')(x))
-    x = pool(conv(64, 0.1, 0.1, 'conv2')(x))
+    for i, width in enumerate(self.widths, start=1):
+      x = pool(conv(width, *self.layer_init, f'conv{i}')(x))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(dense(1024, 0.1, 0.1, 'fc1')(x))
-    x = nn.Dropout(0.5, deterministic=not train)(x)  # keep_prob 0.5 in training only
-    return dense(self.num_classes, 0.1, 0.1, 'fc2')(x)
+    x = nn.relu(dense(self.hidden, *self.layer_init, 'fc1')(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return dense(self.num_classes, *self.layer_init, 'fc2')(x)
 
 
 @register('mnist_cnn')

@@ -5,6 +5,8 @@ mode and its sharded-device-put helpers are gone in JAX 0.10). The train step is
 written for the global batch: XLA inserts the gradient all-reduce, so the same
 code runs on 1 device, 8 devices or several hosts.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,14 +16,20 @@ from cnnjax.errors import UserError
 
 
 def make_mesh():
-  """A 1-D mesh over every device of every process, axis 'batch', set as the current mesh.
+  """A 1-D mesh over every device of every process, axis 'batch'. It is not set for the
+  process: each jitted function that needs it carries it (scoped)."""
+  return jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(AxisType.Auto,))
 
-  Setting it (jax.set_mesh) lets the oneDNN custom calls (cnnjax/kernels.py)
-  find the mesh when traced and run per device under shard_map.
-  """
-  mesh = jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(AxisType.Auto,))
-  jax.set_mesh(mesh)
-  return mesh
+
+def scoped(mesh, fn):
+  """fn, traced with `mesh` as the context mesh: the oneDNN custom calls
+  (cnnjax/kernels.py) find it there when traced and run per device under shard_map.
+  Jitted, the mesh is part of the function, whatever mesh (if any) the caller has set."""
+  @functools.wraps(fn)
+  def within_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return within_mesh
 
 
 def replicated(mesh):
@@ -30,13 +38,6 @@ def replicated(mesh):
 
 def batch_sharded(mesh):
   return NamedSharding(mesh, P('batch'))
-
-
-def check_divisible(name, batch_size, mesh):
-  devices = mesh.devices.size
-  if batch_size % devices:
-    raise UserError(f'{name}={batch_size} does not divide evenly across {devices} devices; '
-                    f'use a multiple of {devices}')
 
 
 def put_batch(batch, sharding):

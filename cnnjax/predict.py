@@ -48,18 +48,16 @@ class Predictor:
     self.names = self.source.class_names
     if not os.path.isdir(workdir_lib.checkpoints_dir(workdir)):
       raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
-    replicated = parallel.replicated(parallel.make_mesh())
-    like = state_lib.abstract_state(
-        config, len(self.names), self.source.num_examples(config.train_split),
-        (*self.size, self.channels), replicated)
+    run = state_lib.build(config, state_lib.DataSpec.of(self.source, config.train_split),
+                          parallel.make_mesh(), initial=False)
     ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)
     try:
-      self.step, self.state = ckpt.restore_latest(like, report=log)
+      self.step, self.state = ckpt.restore_latest(run.state, report=log)
     finally:
       ckpt.close()
     if self.step is None:
       raise UserError(f'no checkpoint in {workdir}: train first, or point --workdir at a run')
-    self._probabilities = jax.jit(lambda state, images: jax.nn.softmax(train.eval_logits(
+    self._probabilities = run.jit(lambda state, images: jax.nn.softmax(train.eval_logits(
         state, images, augment_cfg=config.augment.lock())))
 
   def probabilities(self, images):

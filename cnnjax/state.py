@@ -1,12 +1,27 @@
-"""The train state and the jitted steps, built from a config: one home for the trainer
-(loop.py), bench mode and prediction, so the step they run is the same function.
+"""How a run is put together: build(config, data, mesh) gives the train state (initial, or
+its shapes for a checkpoint to fill) and the jitted steps. The one way the trainer
+(loop.py), bench mode, prediction and the tests assemble a run, so the step they run is
+the same function on the same checks.
 """
+import dataclasses
 import functools
 
 import jax
 
-from cnnjax import kernels, models, optim, train
-from cnnjax.errors import UserError
+from cnnjax import config as config_lib, kernels, models, optim, parallel, train
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What building a run needs of its dataset (nothing is read: a description)."""
+  num_classes: int
+  image_shape: tuple  # (height, width, channels)
+  num_train: int  # examples in the train split: schedules counted in epochs, batch checks
+
+  @classmethod
+  def of(cls, source, train_split):
+    """A data.Source's description with config.train_split's size."""
+    return cls(source.num_classes, tuple(source.image_shape), source.num_examples(train_split))
 
 
 def input_shape(config, image_shape):
@@ -16,57 +31,78 @@ def input_shape(config, image_shape):
   return (size, size, c) if size else (h, w, c)
 
 
-def initial_state(config, num_classes, num_train, image_shape, sharding):
-  """(model, learning-rate schedule, TrainState initialised from config.seed)."""
-  model = models.create(config.model, num_classes)
-  learning_rate = optim.learning_rate_fn(config, num_train)
-  init = functools.partial(train.create_train_state, model=model,
-                           tx=optim.make(config, learning_rate),
-                           input_shape=input_shape(config, image_shape),
-                           ema=config.ema_decay > 0)
+def weight_loss_terms(config):
+  """config.weight_loss as ((layer, wl), ...) (config.validate checks the layers)."""
+  return tuple(sorted(config.weight_loss.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A config's state and jitted steps on a mesh. Every jitted function carries the mesh
+  into its trace (parallel.scoped): nothing is left set for the process."""
+  config: object
+  data: DataSpec
+  mesh: object
+  learning_rate: object  # step -> learning rate (the schedule)
+  state: train.TrainState  # initial (from config.seed), or abstract: shapes and shardings
+  eval_accumulate: object  # (totals, state, batch) -> totals, donating the totals
+
+  @property
+  def replicated(self):
+    return parallel.replicated(self.mesh)
+
+  @property
+  def batch_sharded(self):
+    return parallel.batch_sharded(self.mesh)
+
+  def jit(self, fn, **jit_kwargs):
+    """fn jitted to run under this run's mesh (its outputs replicated unless told)."""
+    return jax.jit(parallel.scoped(self.mesh, fn),
+                   **{'out_shardings': self.replicated, **jit_kwargs})
+
+  def train_steps(self, fetch):
+    """train.train_steps with the config's static settings bound, jitted: steps(state,
+    inputs, data) runs one train step per entry of `inputs`, each batch from
+    fetch(data, input) (feed.py), and reports each step's `learning_rate` (the schedule)
+    among its metrics. It donates the state it is given (its buffers become the new
+    state's); each length of `inputs` compiles once."""
+    c = self.config
+    return self.jit(
+        functools.partial(train.train_steps, fetch=fetch, augment_cfg=c.augment.lock(),
+                          weight_loss_terms=weight_loss_terms(c),
+                          weight_loss_on=c.weight_loss_on, ema_decay=c.ema_decay,
+                          learning_rate_fn=self.learning_rate),
+        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+
+def build(config, data, mesh, initial=True):
+  """The run of `config` on a dataset described by `data` (DataSpec), on `mesh`.
+
+  Validates the config against all three first (config.validate: a bad value is a
+  UserError before anything is computed). initial=True: the state initialised from
+  config.seed; False: its shapes, dtypes and shardings only (jax.eval_shape: nothing is
+  computed), which a checkpoint restore fills.
+  """
+  config_lib.validate(config, data, mesh)
+  learning_rate = optim.learning_rate_fn(config, data.num_train)
+  replicated = parallel.replicated(mesh)
+  init = jax.jit(functools.partial(
+      train.create_train_state, model=models.create(config.model, data.num_classes),
+      tx=optim.make(config, learning_rate), input_shape=input_shape(config, data.image_shape),
+      ema=config.ema_decay > 0), out_shardings=replicated)
+  key = jax.random.PRNGKey(config.seed)
   # Initialising needs shapes only (its forward pass is dropped): no kernel choice is made
-  # for its one-example batch.
+  # for its one-example batch. The jitted init is new here, so no cached trace of it
+  # was made under another kernel mode.
   with kernels.using('xla'):
-    return model, learning_rate, jax.jit(init, out_shardings=sharding)(
-        jax.random.PRNGKey(config.seed))
-
-
-def weight_loss_terms(config, params):
-  """config.weight_loss as ((layer, wl), ...), each layer checked against the model."""
-  terms = tuple(sorted(config.weight_loss.items()))
-  for name, _ in terms:
-    if name != '*' and (name not in params or 'kernel' not in params[name]):
-      raise UserError(f'bad config: weight_loss names {name!r}, which is not a layer of '
-                      f'{config.model} (layers: {", ".join(params)})')
-  return terms
-
-
-def abstract_state(config, num_classes, num_train, image_shape, sharding):
-  """The TrainState's shapes, dtypes and shardings (jax.eval_shape: nothing is computed),
-  as a checkpoint restore needs them."""
-  shapes = jax.eval_shape(lambda: initial_state(config, num_classes, num_train, image_shape,
-                                                sharding)[2])
-  # Restore onto `sharding` on this process's devices, whatever topology saved it.
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      shapes)
-
-
-def jit_train_steps(config, params, sharding, fetch, learning_rate):
-  """train.train_steps with the config's static settings bound, jitted: steps(state,
-  inputs, data) runs one train step per entry of `inputs`, each batch from
-  fetch(data, input) (feed.py), and reports each step's `learning_rate` (the schedule)
-  among its metrics. It donates the state it is given (its buffers become the new
-  state's); each length of `inputs` compiles once."""
-  return jax.jit(
-      functools.partial(train.train_steps, fetch=fetch, augment_cfg=config.augment.lock(),
-                        weight_loss_terms=weight_loss_terms(config, params),
-                        weight_loss_on=config.weight_loss_on, ema_decay=config.ema_decay,
-                        learning_rate_fn=learning_rate),
-      out_shardings=(sharding, sharding), donate_argnums=0)
-
-
-def jit_eval_accumulate(config, sharding):
-  """train.eval_accumulate jitted: accumulate(totals, state, batch) -> new totals, on the
-  devices (it donates the totals it is given)."""
-  return jax.jit(functools.partial(train.eval_accumulate, augment_cfg=config.augment.lock()),
-                 out_shardings=sharding, donate_argnums=0)
+    shapes = jax.eval_shape(init, key)
+    config_lib.validate(config, layers=shapes.params)  # weight_loss names real layers
+    if initial:
+      state = init(key)
+    else:  # restore onto `replicated` on this process's devices, whatever topology saved it
+      state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                           shapes)
+  run = Run(config, data, mesh, learning_rate, state, None)
+  return dataclasses.replace(run, eval_accumulate=run.jit(
+      functools.partial(train.eval_accumulate, augment_cfg=config.augment.lock()),
+      donate_argnums=0))

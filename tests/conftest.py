@@ -84,12 +84,13 @@ def small_config(**overrides):
 
 
 def restore(workdir, step, config):
-  """The state saved at `step` in workdir (a CIFAR-10 run of `config`), read back on this
-  process's devices through the read-only path predict uses: no data, nothing computed."""
-  from cnnjax import checkpoint, parallel, state
-  like = state.abstract_state(config, 10, 50000, (32, 32, 3),
-                              parallel.replicated(parallel.make_mesh()))
-  ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
+  """The state saved at `step` in workdir (a run of `config`), read back on this process's
+  devices through the read-only path predict uses: no data read, nothing computed."""
+  from cnnjax import checkpoint, data, parallel, state
+  source = data.info(config.dataset, config.data_dir, download=False)
+  like = state.build(config, state.DataSpec.of(source, config.train_split),
+                     parallel.make_mesh(), initial=False).state
+  ckpt = checkpoint.Checkpoints(str(workdir), config.keep_checkpoints, read_only=True)
   try:
     return ckpt.restore(step, like)
   finally:

@@ -94,20 +94,34 @@ def test_resume_with_another_data_order_says_so(tmp_path, capsys):
                    r'the uninterrupted run$', out, re.M), out
 
 
+def test_keep_checkpoints_keeps_the_newest_that_many(tmp_path):
+  config = tiny(num_train_steps=10, checkpoint_every=2, keep_checkpoints=2)
+  loop.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoint.Checkpoints(str(tmp_path), config.keep_checkpoints, read_only=True)
+  steps = ckpt.steps()
+  ckpt.close()
+  assert steps == list(range(10, 0, -config.checkpoint_every))[:config.keep_checkpoints][::-1]
+
+
 def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
   loop.train_and_evaluate(tiny(num_train_steps=2, checkpoint_every=1, optimizer='sgd'), str(tmp_path))
   # Resumed at a rate that diverges at once, checkpointing every step.
   config = tiny(num_train_steps=50, optimizer='sgd', learning_rate=1e9, checkpoint_every=1)
-  with pytest.raises(UserError, match=r'loss is (nan|inf) at step \d+; stopped without'):
+  with pytest.raises(UserError, match=r'loss is (nan|inf) at step (\d+); stopped') as error:
     loop.train_and_evaluate(config, str(tmp_path))
+  diverged = int(re.search(r'at step (\d+)', str(error.value)).group(1))
   ckpt = checkpoint.Checkpoints(str(tmp_path), 3, read_only=True)
   steps = ckpt.steps()
   ckpt.close()
-  assert steps[-1] == 2 or all(  # nothing after the divergence, and what was saved is finite
-      np.isfinite(np.asarray(x)).all()
-      for x in jax.tree.leaves(saved_state(tmp_path, steps[-1], config).params))
-  assert all(np.isfinite(np.asarray(x)).all()
-             for x in jax.tree.leaves(saved_state(tmp_path, 2, config).params))
+  # Every step was a checkpoint step: the state whose loss was not finite was saved, and
+  # then moved aside; what is left ends at the step before it, and is finite.
+  assert steps[-1] == diverged - 1 and diverged > 2
+  assert 'moved the checkpoint of that state to' in str(error.value)
+  assert [p.split('-')[0] for p in os.listdir(tmp_path / 'diverged_checkpoints')] == [
+      str(diverged)]
+  for step in steps:
+    assert all(np.isfinite(np.asarray(x)).all()
+               for x in jax.tree.leaves(saved_state(tmp_path, step, config).params))
 
 
 def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, reference):

@@ -61,6 +61,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
     (['--out', 'x.npz'], '--out does nothing with --mode=train (it is for --mode=export)'),
     (['--mode=plot'], '--config does nothing with --mode=plot (it is for --mode=train / '
                       '--mode=eval / --mode=predict / --mode=bench / --mode=export)'),
+    (['--mode=export', '--out', 'x.npz'], '--workdir does nothing with --mode=export (it is '
+     'for --mode=train / --mode=eval / --mode=plot / --mode=predict)'),
 ])
 def test_a_flag_that_would_do_nothing_in_the_mode_is_one_line(tmp_path, args, message):
   result = run('--workdir', str(tmp_path), *args)  # run() passes --config

@@ -186,7 +186,8 @@ for num_shards in (1, 2, 4, 8, 16):
   shards = data.load_train(source, c.train_split, c.batch_size, num_shards, 0, 1)
   host = feed.HostFeed(shards, c.seed, mesh)
   device = feed.DeviceFeed(shards, c.seed, mesh, feed.Layout.of(shards, 8))
-  gather = jax.jit(lambda data, rows: jax.lax.map(lambda r: device.fetch(data, r), rows))
+  gather = jax.jit(parallel.scoped(mesh, lambda data, rows: jax.lax.map(
+      lambda r: device.fetch(data, r), rows)))
   for start, end in ((0, 3), (6, 10)):
     a = host.inputs(start, end)
     b = gather(device.data, device.inputs(start, end))

@@ -76,7 +76,7 @@ def test_network_logits_and_gradients_match_tf(tf, cpu_kernels, recipe):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(16, 24, 24, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 16).astype(np.int32)
-  terms = state_lib.weight_loss_terms(config, state.params)
+  terms = state_lib.weight_loss_terms(config)
   weight_loss = {name: wl for name, wl in terms if wl}
   assert recipe != 'cifar_lrn' or weight_loss  # the L2 terms are under test there
 

@@ -42,3 +42,15 @@ def test_the_extension_builds_against_the_jax_range_it_runs_with_and_flax_follow
   flax = {str(r.marker): r.specifier for r in deps if r.name == 'flax'}
   assert sorted(flax) == ['python_version < "3.12"', 'python_version >= "3.12"']
   assert not flax['python_version >= "3.12"'].contains('0.12.8')
+
+
+def test_loading_a_config_imports_no_jax():
+  # Config files are read by scripts and tools that need no accelerator stack.
+  import subprocess
+  import sys
+  code = ('import sys; from cnnjax import config; c = config.load_file("configs/cifar_lrn.py"); '
+          'print(c.model, sorted(m for m in ("jax", "flax", "optax") if m in sys.modules))')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ['cifar_lrn', '[]']

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, kernels, parallel, state as state_lib
+from cnnjax import checkpoint, data, kernels, parallel, state as state_lib
 from tests import conftest
 from tests.conftest import ROOT, SMALL_RUN, as_flags, recipe_config, run_py, small_config
 
@@ -96,8 +96,10 @@ def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
   # by order 1 (a missing gradient average: 7x; per-device statistics over 2 images, or
   # one dropout mask per device: most of the update). So compare each layer's update (not
   # the params, which barely move in 2 steps) by norm, at 0.15.
-  _, _, initial = state_lib.initial_state(recipe_config('cifar_vgg16', **VGG), 10, 50000,
-                                         (32, 32, 3), parallel.replicated(parallel.make_mesh()))
+  config = recipe_config('cifar_vgg16', **VGG)
+  initial = state_lib.build(config, state_lib.DataSpec.of(data.info(config.dataset),
+                                                          config.train_split),
+                            parallel.make_mesh()).state
   states = []
   for name, env in (('one', {}), ('eight', EIGHT)):
     result = subprocess.run(
@@ -127,7 +129,7 @@ def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
 def test_batch_that_does_not_divide_the_devices_is_one_line(tmp_path):
   result = run(tmp_path, '--config.batch_size=36', env=EIGHT)
   assert result.returncode == 2
-  assert result.stderr.strip() == ('error: batch_size=36 does not divide evenly across 8 '
+  assert result.stderr.strip() == ('error: bad config: batch_size=36 does not divide evenly across 8 '
                                    'devices; use a multiple of 8')
 
 

@@ -69,10 +69,11 @@ def test_tutorial_recipe_keeps_and_evaluates_with_the_average():
   config = get_config('cifar_tutorial')
   state = tiny_state('cifar_lrn', (24, 24, 3), ema=True)
   step = jax.jit(lambda s, b: train.train_step(s, b, augment_cfg=config.augment,
-                                               weight_loss_terms=(), ema_decay=0.9999))
+                                               weight_loss_terms=(),
+                                               ema_decay=config.ema_decay))
   for i in range(3):
     state, _ = step(state, uint8_batch(8, (32, 32, 3), seed=i))
-  # After 3 steps the decay is min(0.9999, 4/13): the average trails the params.
+  # After 3 steps the decay is min(ema_decay, 4/13): the average trails the params.
   assert not np.allclose(state.ema_params['local3']['kernel'], state.params['local3']['kernel'])
   batch = dict(uint8_batch(8, (32, 32, 3)), mask=jnp.ones(8, bool))
   with_ema = train.eval_step(state, batch, augment_cfg=config.augment)
@@ -108,7 +109,8 @@ def test_vgg_batch_norm_statistics_train_vs_eval():
   state = tiny_state('cifar_vgg16', (32, 32, 3))
   before = state.batch_stats
   state2, _ = jax.jit(lambda s, b: train.train_step(
-      s, b, augment_cfg=config.augment, weight_loss_terms=(('*', 0.0002),)))(
+      s, b, augment_cfg=config.augment,
+      weight_loss_terms=state_lib.weight_loss_terms(config)))(
           state, uint8_batch(8, (32, 32, 3)))
   # Training updates the running statistics kept in the train state.
   assert not np.allclose(state2.batch_stats['bn1_1']['mean'], before['bn1_1']['mean'])
@@ -165,7 +167,7 @@ def test_vgg_weight_loss_decays_every_parameter_as_paddles_l2():
   batch-norm scale and offset too, not only kernels."""
   config = get_config('cifar_vgg16')
   params = tiny_state('cifar_vgg16', (32, 32, 3)).params
-  terms = state_lib.weight_loss_terms(config, params)
+  terms = state_lib.weight_loss_terms(config)
   grads = jax.grad(train.weight_loss)(params, terms, config.weight_loss_on)
   wl = config.weight_loss['*']
   jax.tree.map(lambda g, p: np.testing.assert_allclose(g, wl * p, rtol=1e-6), grads, params)

@@ -19,15 +19,16 @@ def test_recipe_a_has_the_tutorials_parameter_count():
   assert models.param_count(params) == 1_068_298
 
 
-def test_initializers_are_the_seeds(trainer):
-  p = trainer.state.params
-  np.testing.assert_array_equal(p['conv2']['bias'], np.float32(0.1))
-  np.testing.assert_array_equal(p['conv1']['bias'], 0.0)
-  np.testing.assert_array_equal(p['local3']['bias'], np.float32(0.1))
-  w = np.asarray(p['local3']['kernel'])
-  assert np.abs(w).max() <= 2 * 0.04  # truncated at two standard deviations
-  # A normal truncated at +-2 sigma has std 0.8796 sigma.
-  assert abs(w.std() / 0.04 - 0.8796) < 0.01
+def test_initializers_draw_what_the_model_declares(trainer):
+  # The declared (stddev, bias) per layer are checked against the seed in test_seed_values.
+  inits = models.create(trainer.config.model, 10).inits
+  for name, (stddev, bias) in inits.items():
+    p = trainer.state.params[name]
+    np.testing.assert_array_equal(p['bias'], np.float32(bias))
+    w = np.asarray(p['kernel'])
+    assert np.abs(w).max() <= 2 * stddev  # truncated at two standard deviations
+    # A normal truncated at +-2 sigma (redrawn, not rescaled) has std 0.8796 sigma.
+    assert abs(w.std() / stddev - 0.8796) < 0.03, name
 
 
 def test_loss_is_cross_entropy_plus_hand_computed_weight_losses(trainer):
@@ -35,7 +36,7 @@ def test_loss_is_cross_entropy_plus_hand_computed_weight_losses(trainer):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(8, 24, 24, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
-  terms = state_lib.weight_loss_terms(trainer.config, params)
+  terms = state_lib.weight_loss_terms(trainer.config)
   loss, (ce, _, _) = train.loss_fn(params, trainer.state, images, labels, terms, 'kernels',
                                    jax.random.PRNGKey(0))
 
@@ -43,8 +44,9 @@ def test_loss_is_cross_entropy_plus_hand_computed_weight_losses(trainer):
   log_softmax = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1,
                                                                                   keepdims=True)) - logits.max(1, keepdims=True)
   expected_ce = -log_softmax[np.arange(8), np.asarray(labels)].mean()
-  expected_wl = sum(0.004 * (np.asarray(params[name]['kernel'], np.float64) ** 2).sum() / 2
-                    for name in ('local3', 'local4'))
+  assert trainer.config.weight_loss  # the recipe has weight losses to check
+  expected_wl = sum(wl * (np.asarray(params[name]['kernel'], np.float64) ** 2).sum() / 2
+                    for name, wl in trainer.config.weight_loss.items())
   np.testing.assert_allclose(ce, expected_ce, rtol=1e-5)
   np.testing.assert_allclose(loss, expected_ce + expected_wl, rtol=1e-5)
 

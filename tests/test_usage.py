@@ -1,5 +1,6 @@
 """Around training: metrics.jsonl, TensorBoard, progress, plots, predict, bench, errors."""
 import fcntl
+import io
 import json
 import os
 import pty
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import checkpoint, data, loop, predict, train, workdir as workdir_lib
-from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py
+from cnnjax import bench, checkpoint, data, loop, predict, report, train, workdir as workdir_lib
+from cnnjax.errors import UserError
+from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py, small_config
 
 SMALL = dict(SMALL_RUN, batch_size=64, log_every=2, eval_every=3, checkpoint_every=4)
 run = run_py
@@ -188,6 +190,63 @@ def test_progress_bar_on_a_terminal_lines_otherwise(tmp_path):
   assert not re.search(r'^step \d+, loss = ', text, re.M)  # the bar replaces the lines
   assert 'step 4: precision @ 1' in text  # evaluations still get their line
   # The pipe case (this test's other runs) prints the seed's lines: see test_cli.py.
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+@pytest.mark.parametrize('progress,stream,bar', [
+    ('bar', io.StringIO, True), ('lines', _Terminal, False), ('auto', _Terminal, True),
+    ('auto', io.StringIO, False)])
+def test_progress_setting_chooses_bar_or_lines_whatever_the_stream(progress, stream, bar):
+  out = stream()
+  reporter = report.Reporter(None, 0, 4, progress, stream=out)
+  for step in range(4):
+    reporter.advance()
+    reporter.train(step, 2.5, 0.1, 100.0, 0.01, 2.4)
+  reporter.close()
+  text = out.getvalue()
+  assert bool(re.search(r'100%\|.*\| 4/4 .*loss=2\.500', text)) == bar, text
+  assert len(re.findall(r'^step \d, loss = 2\.50 ', text, re.M)) == (0 if bar else 4), text
+
+
+def test_eval_mode_takes_a_step_and_a_config(trained):
+  workdir, _ = trained
+  _, _, records = history(workdir)
+  evals = {r['step']: r for r in records if r['kind'] == 'eval'}
+  line = r'^step {}: precision @ 1 = {:.4f} \({}/{}\)'
+  latest = run('--mode=eval', '--workdir', str(workdir), config=None)  # the run's config.json
+  assert latest.returncode == 0, latest.stderr
+  r = evals[6]  # the latest checkpoint: the run's own last evaluation, again
+  assert re.search(line.format(6, r['precision'], r['correct'], r['count']), latest.stdout,
+                   re.M), latest.stdout
+  earlier = run('--mode=eval', '--workdir', str(workdir), '--step', '4', config=None)
+  assert earlier.returncode == 0, earlier.stderr
+  assert 'restored the checkpoint at step 4' in earlier.stdout
+  assert re.search(rf'^step 4: precision @ 1 = \S+ \(\d+/{r["count"]}\)', earlier.stdout, re.M)
+  # --config replaces config.json: here, a smaller eval split.
+  other = run('--mode=eval', '--workdir', str(workdir), *as_flags(dict(SMALL, eval_split='test[:40]')))
+  assert other.returncode == 0, other.stderr
+  assert re.search(r'^step 6: precision @ 1 = \S+ \(\d+/40\)', other.stdout, re.M), other.stdout
+  missing = run('--mode=eval', '--workdir', str(workdir), '--step', '5', config=None)
+  assert missing.returncode == 2 and 'no checkpoint at step 5' in missing.stderr
+  assert 'available: 4, 6' in missing.stderr
+
+
+def test_bench_overrides_shape_the_synthetic_input_and_model():
+  config = small_config(batch_size=16, bench=dict(image_size=28, channels=1, num_classes=7))
+  s = bench.Synthetic(config, steps_per_call=1)
+  assert s.host_batch['image'].shape == (16, 28, 28, config.bench.channels)
+  assert s.host_batch['label'].max() < config.bench.num_classes
+  assert s.state.params['logits']['kernel'].shape[-1] == config.bench.num_classes
+  assert s.state.params['conv1']['kernel'].shape[2] == config.bench.channels
+  crop = config.augment.crop_size
+  assert s.images.shape == (16, crop, crop, config.bench.channels)  # the model's input
+  assert np.isfinite(float(s.train_once()))
+  with pytest.raises(UserError, match=r'augment.crop_size=24 is larger than the 16x16 input'):
+    bench.Synthetic(small_config(bench=dict(image_size=16)))
 
 
 def test_bench_mode_prints_the_seeds_summary():
