@@ -6,9 +6,8 @@ port of the seeds' whole training scripts (seed 003's cifar10 script for Recipe 
     python benchmarks/tf_reference.py --config configs/cifar_lrn.py [--steps N] [--seed S]
         [--eval_every N] [--checkpoint_dir DIR [--checkpoint_every 1000]] [--isa avx2]
 
-reads the same TFDS data, augments each batch on the host in a parallel tf.data pipeline
-(as cifar10_input.distorted_inputs' 16 threads; the tf.image ops' per-image draws, batched:
-augment(), the one augmentation of this file, also run inside the step by cpu_vs_tf), trains
+reads the same TFDS data, augments each image on the host with the tf.image ops in a
+parallel tf.data pipeline (as cifar10_input.distorted_inputs' 16 threads: distort()), trains
 with the seed's log line every log_every steps and evaluates precision @ 1 on exactly
 the eval split every eval_every steps (the config's, as cnnjax, so the two sides'
 curves meet at the same steps) and at the end. With --checkpoint_dir it saves there and
@@ -197,7 +196,10 @@ NETWORKS = {'cifar_lrn': lrn_net, 'cifar_cookbook': lrn_net, 'mnist_cnn': mnist_
 
 
 def augment(x, cfg, train):
-  """The tf.image ops of cnnjax.augment, batched, on 0-255 float pixels."""
+  """The tf.image ops of cnnjax.augment, batched, on 0-255 float pixels: the peer of cnnjax's
+  in-step augmentation (TrainStep, cpu_vs_tf), and the scripts' evaluation preprocessing.
+  The script's training pipeline runs the seed's own per-image ops instead (distort): a port
+  of the seed must run its ops, and the step benchmark must augment a batch in the step."""
   x = tf.cast(x, tf.float32)
   n, h, w, _ = x.shape
   size = cfg.crop_size
@@ -321,6 +323,23 @@ class TrainStep:
         v.assign(s)
 
 
+def distort(image, cfg):
+  """cifar10_input.distorted_inputs on one image: the tf.image ops themselves."""
+  x = tf.cast(image, tf.float32)
+  if cfg.crop_size:
+    if cfg.train_crop == 'random':
+      x = tf.image.random_crop(x, [cfg.crop_size, cfg.crop_size, x.shape[-1]])
+    else:
+      x = tf.image.resize_with_crop_or_pad(x, cfg.crop_size, cfg.crop_size)
+  if cfg.flip:
+    x = tf.image.random_flip_left_right(x)
+  if cfg.brightness:
+    x = tf.image.random_brightness(x, cfg.brightness)
+  if cfg.contrast:
+    x = tf.image.random_contrast(x, *cfg.contrast)
+  return tf.image.per_image_standardization(x) if cfg.scale == 'standardize' else x / 255.0
+
+
 def evaluate(step_fn, builder, config):
   """(correct, count) of the evaluation-mode predictions on the whole eval split."""
   import numpy as np
@@ -362,10 +381,9 @@ def train_and_evaluate(config, steps, seed, checkpoint_dir=None, checkpoint_ever
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   train = (builder.as_dataset(split=config.train_split, as_supervised=True)
            .shuffle(20000, seed=seed).repeat()
-           .batch(config.batch_size, drop_remainder=True)
-           .map(lambda x, y: (augment(x, cfg, train=True), tf.cast(y, tf.int32)),
+           .map(lambda x, y: (distort(x, cfg), tf.cast(y, tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE)
-           .prefetch(tf.data.AUTOTUNE)
+           .batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
            .with_options(options))
   batches = iter(train)
   step_fn = TrainStep(config, shape, info.features['label'].num_classes, num_train, seed,
