@@ -45,9 +45,10 @@ def data_spec(config):
                             known.num_train)
 
 
-def input_spec(config):
-  """(batch, image size, channels, classes) of the synthetic batch."""
-  spec = data_spec(config)
+def input_spec(config, spec=None):
+  """(batch, image size, channels, classes) of the synthetic batch; spec: data_spec(config),
+  where already known."""
+  spec = spec or data_spec(config)
   return (bench_config(config).batch_size, spec.image_shape[0], spec.image_shape[2],
           spec.num_classes)
 
@@ -90,10 +91,10 @@ class Synthetic:
 
   def __init__(self, config, steps_per_call=None):
     config_lib.validate(config)  # before reading a dataset's description
-    config = bench_config(config)
-    self.batch, self.size, self.channels, self.classes = input_spec(config)
+    config, spec = bench_config(config), data_spec(config)
+    self.batch, self.size, self.channels, self.classes = input_spec(config, spec)
     mesh = parallel.make_mesh()
-    run = state_lib.build(config, data_spec(config), mesh)
+    run = state_lib.build(config, spec, mesh)
     self.state = run.state
     shape = state_lib.input_shape(config, run.data.image_shape)
     self.host_batch = synthetic_batch(self.batch, self.size, self.channels, self.classes)

@@ -122,13 +122,13 @@ def validate(c, data=None, mesh=None, layers=None):
   if c.schedule == 'exponential_decay':
     need(c.decay_steps > 0 or c.decay_epochs > 0,
          'exponential_decay needs decay_steps > 0 or decay_epochs > 0')
+  processes = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
+  shards = c.input_shards or processes  # as the trainer reads the train split
   if mesh is not None:
     devices = mesh.devices.size
     for field in ('batch_size', 'eval_batch_size'):
       need(c[field] % devices == 0, f'{field}={c[field]} does not divide evenly across '
            f'{devices} devices; use a multiple of {devices}')
-    processes = len({d.process_index for d in mesh.devices.flat})
-    shards = c.input_shards or processes
     need(shards % processes == 0 and c.batch_size % shards == 0,
          f'input_shards={shards} must be a multiple of the {processes} process(es) and '
          f'divide batch_size={c.batch_size}')
@@ -137,7 +137,6 @@ def validate(c, data=None, mesh=None, layers=None):
     crop = c.augment.crop_size
     need(not crop or crop <= min(h, w),
          f'augment.crop_size={crop} is larger than the {h}x{w} input')
-    shards = c.input_shards or (1 if mesh is None else processes)
     need(data.num_train // shards >= c.batch_size // shards,
          f'train split {c.train_split!r} has {data.num_train} examples, fewer than '
          f'batch_size={c.batch_size}')

@@ -45,7 +45,6 @@ class Run:
   mesh: object
   learning_rate: object  # step -> learning rate (the schedule)
   state: train.TrainState  # initial (from config.seed), or abstract: shapes and shardings
-  eval_accumulate: object  # (totals, state, batch) -> totals, donating the totals
 
   @property
   def replicated(self):
@@ -59,6 +58,14 @@ class Run:
     """fn jitted to run under this run's mesh (its outputs replicated unless told)."""
     return jax.jit(parallel.scoped(self.mesh, fn),
                    **{'out_shardings': self.replicated, **jit_kwargs})
+
+  @functools.cached_property
+  def eval_accumulate(self):
+    """train.eval_accumulate jitted: (totals, state, batch) -> new totals, on the devices
+    (it donates the totals it is given)."""
+    return self.jit(functools.partial(train.eval_accumulate,
+                                      augment_cfg=self.config.augment.lock()),
+                    donate_argnums=0)
 
   def train_steps(self, fetch):
     """train.train_steps with the config's static settings bound, jitted: steps(state,
@@ -102,7 +109,4 @@ def build(config, data, mesh, initial=True):
     else:  # restore onto `replicated` on this process's devices, whatever topology saved it
       state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                            shapes)
-  run = Run(config, data, mesh, learning_rate, state, None)
-  return dataclasses.replace(run, eval_accumulate=run.jit(
-      functools.partial(train.eval_accumulate, augment_cfg=config.augment.lock()),
-      donate_argnums=0))
+  return Run(config, data, mesh, learning_rate, state)

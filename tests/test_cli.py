@@ -45,6 +45,10 @@ def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
     (['--config.model=resnet9000'], "bad config: model='resnet9000'"),
     (['--config.optimizer=adamw'], "bad config: optimizer='adamw' is not one of sgd, momentum"),
     (['--config.schedule=cosine'], "bad config: schedule='cosine' is not one of constant"),
+    (['--config.input_shards=3'], 'bad config: input_shards=3 must be a multiple of the 1 '
+                                  'process(es) and divide batch_size='),
+    (['--config.train_split=train[:100]'],
+     "bad config: train split 'train[:100]' has 100 examples, fewer than batch_size="),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
   result = run('--workdir', str(tmp_path), *args)
