@@ -78,7 +78,8 @@ def synthetic_batch(batch, size, channels, classes):
   """The uint8 batch bench mode trains on (seeded: benchmarks/cpu_vs_tf.py feeds TF the same)."""
   rng = np.random.default_rng(0)
   return {'image': rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8),
-          'label': rng.integers(0, classes, batch).astype(np.int32)}
+          'label': rng.integers(0, classes, batch).astype(np.int32),
+          'index': np.arange(batch, dtype=np.int32)}
 
 
 class Synthetic:

@@ -3,6 +3,7 @@
 configs/<recipe>.py start from base_config() and change what the recipe needs. Loading a
 config imports no jax: validate() imports the name lists it checks against.
 """
+import fnmatch
 import importlib.util
 
 import ml_collections
@@ -44,7 +45,13 @@ def base_config():
   c.progress = 'auto'
   # Model and loss.
   c.model = 'cifar_lrn'
+  c.model_options = ml_collections.ConfigDict()  # fields of the model's module (models.py)
+  # Fit the kernel of this layer (a 2x2 conv's 'layer/kernel'; '' = none) as patch
+  # whitening (whitening.py) from the first `images` of the train split, at the start.
+  c.whiten = ml_collections.ConfigDict(dict(layer='', images=5000, eps=5e-4))
   # layer name -> wl, adding wl * tf.nn.l2_loss(kernel) to the loss; '*': every other layer.
+  # Keys may be fnmatch patterns ('*norm*'): a layer takes its own name's entry, else the
+  # one pattern matching it, else '*'.
   c.weight_loss = ml_collections.ConfigDict()
   # Which parameters of those layers: 'kernels' (TF's losses collection) or 'all'
   # (biases and batch-norm scale/offset too: PaddlePaddle's L2Regularization).
@@ -52,19 +59,31 @@ def base_config():
   # > 0: keep an exponential moving average of the params (TF's, with num_updates=step)
   # in the train state and evaluate with it.
   c.ema_decay = 0.0
+  # every > 0: lookahead (airbench): every `every` steps, and at the last, slow weights
+  # (params and batch-norm statistics) move to the fast ones by 1 - d, d = decay *
+  # (step / num_train_steps) ** power (d = 1 at the last step), and the fast take them.
+  c.lookahead = ml_collections.ConfigDict(dict(every=0, decay=0.95**5, power=3.0))
+  c.label_smoothing = 0.0  # the targets of the cross-entropy: (1 - a) one-hot + a / classes
   # Optimizer and schedule.
   c.optimizer = 'adam'  # sgd | momentum | adam
   c.learning_rate = 1e-3
   c.momentum = 0.9
-  c.schedule = 'constant'  # constant | exponential_decay
+  c.nesterov = False  # for optimizer=momentum
+  # Per parameter, by fnmatch patterns on 'layer/param' names ('*norm*/bias'), each name
+  # taking its own entry, else the one pattern matching it: a factor on the learning
+  # rate, and the epoch of the feed from which its updates stop (0: never trained).
+  c.lr_multipliers = ml_collections.ConfigDict()
+  c.freeze_from_epoch = ml_collections.ConfigDict()
+  c.schedule = 'constant'  # constant | exponential_decay | triangular
+  # triangular: lr * (start -> 1 linearly over the first peak_at of num_train_steps, then -> end)
+  c.triangular = ml_collections.ConfigDict(dict(start=0.2, peak_at=0.23, end=0.07))
   c.decay_rate = 0.1
   c.decay_steps = 0  # 0: use decay_epochs
   c.decay_epochs = 0.0
   c.staircase = True
-  # Augmentation on the accelerator (augment.preprocess).
-  c.augment = ml_collections.ConfigDict(dict(
-      crop_size=24, train_crop='random', flip=True, brightness=63.0, contrast=(0.2, 1.8),
-      scale='standardize'))
+  # Augmentation on the accelerator (augment.preprocess), and test-time augmentation.
+  c.augment = augmentation(crop_size=24, train_crop='random', flip=True, brightness=63.0,
+                           contrast=(0.2, 1.8), scale='standardize')
   # --mode=bench: synthetic input; 0 takes the value from batch_size / the dataset.
   c.bench = ml_collections.ConfigDict(dict(
       batch_size=0, image_size=0, channels=0, num_classes=0, steps=200, burn_in=10))
@@ -79,10 +98,55 @@ def load_file(path):
   return module.get_config()
 
 
+def augmentation(**fields):
+  """An augment block: every field off but those given (augment.preprocess says what each
+  does). tta: test-time augmentation at evaluation (augment.tta_logits' level, 0 = none);
+  mean and std: per channel, of [0, 1] pixels, for scale='normalize'."""
+  block = dict(crop_size=0, train_crop='random', flip=False, alternating_flip=False,
+               translate=0, brightness=0.0, contrast=(), scale='unit', mean=(), std=(), tta=0)
+  unknown = set(fields) - set(block)
+  if unknown:
+    raise KeyError(f'unknown augment fields: {", ".join(sorted(unknown))}')
+  return ml_collections.ConfigDict({**block, **fields})
+
+
 def no_augmentation(scale='unit'):
   """The augment block of a recipe that feeds whole images: no crop, flip or colour jitter."""
-  return ml_collections.ConfigDict(dict(crop_size=0, train_crop='random', flip=False,
-                                        brightness=0.0, contrast=(), scale=scale))
+  return augmentation(scale=scale)
+
+
+def lookup(table, name, default=None):
+  """table's entry for `name`: its own, else the one fnmatch pattern other than '*' that
+  matches it (validate() rejects a name two match), else '*', else default."""
+  if name in table:
+    return table[name]
+  matches = [k for k in table if k != '*' and fnmatch.fnmatchcase(name, k)]
+  if matches:
+    return table[matches[0]]
+  return table.get('*', default)
+
+
+def _check_patterns(need, field, table, names):
+  """Each key of config.<field> names or matches something in `names`, and no name is
+  matched by two patterns."""
+  for key in table:
+    need(key == '*' or any(fnmatch.fnmatchcase(n, key) for n in names),
+         f'{field} names {key!r}, which matches none of {", ".join(names)}')
+  for n in names:
+    matches = [k for k in table if k != '*' and fnmatch.fnmatchcase(n, k)]
+    need(n in table or len(matches) <= 1,
+         f'{field}: {n!r} is matched by more than one of {", ".join(matches)}')
+
+
+def path_name(path):
+  """A parameter's 'layer/param' name from its tree path."""
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def param_names(params):
+  """'layer/param' names of a params tree (or its shapes)."""
+  import jax
+  return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def validate(c, data=None, mesh=None, layers=None):
@@ -109,14 +173,35 @@ def validate(c, data=None, mesh=None, layers=None):
        f'weight_loss_on must be one of {", ".join(train.WEIGHT_LOSS_ON)}, '
        f'got {c.weight_loss_on!r}')
   need(0 <= c.ema_decay < 1, f'ema_decay must be in [0, 1), got {c.ema_decay}')
+  need(c.lookahead.every >= 0, f'lookahead.every must be >= 0, got {c.lookahead.every}')
+  need(0 <= c.lookahead.decay <= 1, f'lookahead.decay must be in [0, 1], got {c.lookahead.decay}')
+  need(0 <= c.label_smoothing < 1, f'label_smoothing must be in [0, 1), got {c.label_smoothing}')
+  need(not c.nesterov or c.optimizer == 'momentum',
+       f'nesterov applies to optimizer=momentum, not {c.optimizer!r}')
+  for key, epoch in c.freeze_from_epoch.items():
+    need(epoch >= 0, f'freeze_from_epoch[{key!r}] must be >= 0, got {epoch}')
+  if c.schedule == 'triangular':
+    t = c.triangular
+    need(0 < t.peak_at < 1, f'triangular.peak_at must be in (0, 1), got {t.peak_at}')
+    need(c.num_train_steps > 0, 'schedule=triangular needs num_train_steps > 0')
+  try:
+    models.create(c.model, 10, **c.model_options)
+  except TypeError as e:
+    need(False, f'model_options {dict(c.model_options)} do not fit {c.model}: {e}')
   need(c.data_on_device in feed.SETTINGS,
        f"data_on_device must be 'auto', 'true' or 'false', got {c.data_on_device!r}")
   need(c.get('progress', 'auto') in ('auto', 'bar', 'lines'),
        f"progress must be 'auto', 'bar' or 'lines', got {c.get('progress')!r}")
   need(c.augment.train_crop in ('random', 'central'),
        f"augment.train_crop must be 'random' or 'central', got {c.augment.train_crop!r}")
-  need(c.augment.scale in ('standardize', 'unit'),
-       f"augment.scale must be 'standardize' or 'unit', got {c.augment.scale!r}")
+  a = c.augment
+  need(a.scale in ('standardize', 'unit', 'normalize'),
+       f"augment.scale must be 'standardize', 'unit' or 'normalize', got {a.scale!r}")
+  need(a.scale != 'normalize' or (len(a.mean) == len(a.std) > 0 and min(a.std) > 0),
+       f'augment.scale=normalize needs a mean and a positive std per channel, got '
+       f'mean={a.mean}, std={a.std}')
+  need(a.translate >= 0, f'augment.translate must be >= 0, got {a.translate}')
+  need(a.tta in (0, 1, 2), f'augment.tta must be 0, 1 or 2, got {a.tta}')
   need(len(c.augment.contrast) in (0, 2),
        f'augment.contrast must be (lower, upper) or (), got {c.augment.contrast}')
   if c.schedule == 'exponential_decay':
@@ -137,11 +222,25 @@ def validate(c, data=None, mesh=None, layers=None):
     crop = c.augment.crop_size
     need(not crop or crop <= min(h, w),
          f'augment.crop_size={crop} is larger than the {h}x{w} input')
+    need(a.translate < (crop or min(h, w)),
+         f'augment.translate={a.translate} must be smaller than the images (reflect padding)')
+    need(a.scale != 'normalize' or len(a.mean) == data.image_shape[2],
+         f'augment.mean and std have {len(a.mean)} channel(s), the images '
+         f'{data.image_shape[2]}')
     need(data.num_train // shards >= c.batch_size // shards,
          f'train split {c.train_split!r} has {data.num_train} examples, fewer than '
          f'batch_size={c.batch_size}')
   if layers is not None:
-    for name in c.weight_loss:
-      need(name == '*' or (name in layers and 'kernel' in layers[name]),
-           f'weight_loss names {name!r}, which is not a layer of {c.model} '
-           f'(layers: {", ".join(layers)})')
+    decayed = [n for n in layers if c.weight_loss_on == 'all' or 'kernel' in layers[n]]
+    _check_patterns(need, 'weight_loss', c.weight_loss, decayed)
+    names = param_names(layers)
+    _check_patterns(need, 'lr_multipliers', c.lr_multipliers, names)
+    _check_patterns(need, 'freeze_from_epoch', c.freeze_from_epoch, names)
+    w = c.whiten
+    if w.layer:
+      kernel = layers.get(w.layer, {}).get('kernel')
+      need(kernel is not None and kernel.shape[0] == kernel.shape[1]
+           and kernel.shape[3] == 2 * kernel.shape[0] ** 2 * kernel.shape[2],
+           f'whiten.layer={w.layer!r} must be a conv layer of {c.model} with k x k x C x '
+           f'2k²C kernel')
+      need(w.images > 0, f'whiten.images must be positive, got {w.images}')

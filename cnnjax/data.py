@@ -88,13 +88,15 @@ class TfdsSource:
     except (KeyError, ValueError) as e:
       raise UserError(f'bad split {split!r} for {self.name}: {e}') from None
 
-  def load(self, split):
-    """The whole `split` as uint8 arrays in memory."""
+  def load(self, split, limit=None):
+    """The whole `split` (its first `limit` examples) as uint8 arrays in memory."""
     import tensorflow as tf
     try:
       ds = self.builder.as_dataset(split=split, shuffle_files=False)
     except ValueError as e:
       raise UserError(f'bad split {split!r} for {self.name}: {e}') from None
+    if limit is not None:
+      ds = ds.take(limit)
     ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=tf.data.AUTOTUNE)
     images, labels = [], []
     for x, y in ds.batch(4096).prefetch(2).as_numpy_iterator():
@@ -152,8 +154,10 @@ class ArraysSource:
     _, start, stop = self._range(split)
     return stop - start
 
-  def load(self, split):
+  def load(self, split, limit=None):
     name, start, stop = self._range(split)
+    if limit is not None:
+      stop = min(stop, start + limit)
     whole = self.splits[name]
     return Split(whole.images[start:stop], whole.labels[start:stop].astype(np.int32))
 
@@ -206,6 +210,15 @@ class TrainShards:
   ids: tuple  # their shard ids
   shard_batch: int
   steps_per_epoch: int
+  index_stride: int = 0  # example j of shard i has the index i * index_stride + j
+
+  def index(self, rows, local_shards=None):
+    """The indices (unique in the split: augment.alternating_flip's) of the examples at
+    `rows` of each of this process's shards (of `local_shards` of them: positions in
+    self.shards), concatenated in shard order."""
+    local_shards = range(len(self.ids)) if local_shards is None else local_shards
+    return np.concatenate([self.ids[i] * self.index_stride + np.asarray(r)
+                           for i, r in zip(local_shards, rows)]).astype(np.int32)
 
   def rows(self, seed, step):
     """For each of this process's shards, the positions in it of its examples in `step`'s
@@ -216,20 +229,28 @@ class TrainShards:
 
   def batch(self, seed, step):
     """This process's part of the global batch for `step`, in shard order."""
-    parts = list(zip(self.shards, self.rows(seed, step)))
+    rows = self.rows(seed, step)
+    parts = list(zip(self.shards, rows))
     return {'image': np.concatenate([sh.images[idx] for sh, idx in parts]),
-            'label': np.concatenate([sh.labels[idx] for sh, idx in parts])}
+            'label': np.concatenate([sh.labels[idx] for sh, idx in parts]),
+            'index': self.index(rows)}
+
+
+def steps_per_epoch(num_examples, batch_size, num_shards):
+  """Whole batches in an epoch of the train split read as `num_shards` shards (each
+  shard's remainder is dropped per epoch)."""
+  return (num_examples // num_shards) // (batch_size // num_shards)
 
 
 def load_train(source, split, batch_size, num_shards, process_index, process_count):
   """This process's TrainShards (config.validate has checked the numbers fit)."""
   total = source.num_examples(split)
   shard_batch = batch_size // num_shards
-  steps_per_epoch = (total // num_shards) // shard_batch
   per_process = num_shards // process_count
   ids = tuple(range(process_index * per_process, (process_index + 1) * per_process))
   shards = tuple(source.load(source.shard(split, i, num_shards)) for i in ids)
-  return TrainShards(shards, ids, shard_batch, steps_per_epoch)
+  return TrainShards(shards, ids, shard_batch, steps_per_epoch(total, batch_size, num_shards),
+                     total // num_shards + 1)
 
 
 def eval_batches(split, batch_size, num_batches=None):

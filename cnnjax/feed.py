@@ -42,7 +42,7 @@ class HostFeed:
 
   def inputs(self, start, end):
     batches = [self.shards.batch(self.seed, step) for step in range(start, end)]
-    return parallel.put_batch({k: np.stack([b[k] for b in batches]) for k in ('image', 'label')},
+    return parallel.put_batch({k: np.stack([b[k] for b in batches]) for k in batches[0]},
                               self.sharding)
 
   @staticmethod
@@ -94,13 +94,17 @@ class DeviceFeed:
     local = len(layout.shards_of_device)
     images = np.zeros((local, layout.block, *first.images.shape[1:]), np.uint8)
     labels = np.zeros((local, layout.block), np.int32)
+    index = np.zeros((local, layout.block), np.int32)
     for j, held in enumerate(layout.shards_of_device):
-      for block, field in ((images, 'images'), (labels, 'labels')):
-        part = np.concatenate([getattr(shards.shards[i], field) for i in held])
+      for block, part in ((images, [shards.shards[i].images for i in held]),
+                          (labels, [shards.shards[i].labels for i in held]),
+                          (index, [shards.index([np.arange(len(shards.shards[i]))], [i])
+                                   for i in held])):
+        part = np.concatenate(part)
         block[j, :len(part)] = part
     per_device = parallel.batch_sharded(mesh)
-    self.data = {'image': jax.make_array_from_process_local_data(per_device, images),
-                 'label': jax.make_array_from_process_local_data(per_device, labels)}
+    self.data = {k: jax.make_array_from_process_local_data(per_device, v)
+                 for k, v in (('image', images), ('label', labels), ('index', index))}
 
   def inputs(self, start, end):
     """Each step's rows as positions in each device's block: steps x local devices x rows."""
@@ -113,10 +117,10 @@ class DeviceFeed:
   @staticmethod
   def fetch(data, rows):
     """The global batch of one step, each device gathering its rows from its own block."""
-    def gather(images, labels, rows):  # one device's block and rows: leading axis of 1
-      return {'image': images[0][rows[0]], 'label': labels[0][rows[0]]}
-    return jax.shard_map(gather, in_specs=(P('batch'),) * 3, out_specs=P('batch'))(
-        data['image'], data['label'], rows)
+    def gather(data, rows):  # one device's block and rows: leading axis of 1
+      return {k: v[0][rows[0]] for k, v in data.items()}
+    return jax.shard_map(gather, in_specs=(P('batch'), P('batch')), out_specs=P('batch'))(
+        data, rows)
 
 
 def _device_memory():

@@ -23,8 +23,11 @@ class Trainer:
     self.config = config
     self.mesh = parallel.make_mesh()
     self.source = data.info(config.dataset, config.data_dir, config.download)
+    fit_images = None  # the whitening layer's data, fitted in the initial state
+    if for_training and config.whiten.layer:
+      fit_images = self.source.load(config.train_split, limit=config.whiten.images).images
     self.run = state_lib.build(config, state_lib.DataSpec.of(self.source, config.train_split),
-                               self.mesh, initial=for_training)
+                               self.mesh, initial=for_training, fit_images=fit_images)
     self.state, self.eval_accumulate = self.run.state, self.run.eval_accumulate
     self.replicated, self.batch_sharding = self.run.replicated, self.run.batch_sharded
     # Each process reads only its own part of the data.

@@ -28,11 +28,12 @@ def names():
   return sorted(_MODELS)
 
 
-def create(name, num_classes):
-  """The registered model `name`; KeyError lists the known names."""
+def create(name, num_classes, **options):
+  """The registered model `name`, built with `options` (config.model_options: the fields
+  of its module); KeyError lists the known names."""
   if name not in _MODELS:
     raise KeyError(f'unknown model {name!r}; known models: {", ".join(names())}')
-  return _MODELS[name](num_classes=num_classes)
+  return _MODELS[name](num_classes=num_classes, **options)
 
 
 def truncated_normal(stddev):
@@ -57,6 +58,22 @@ class Conv(nn.Module):
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
     return ops.conv2d(x, kernel, bias, padding=self.padding, relu=self.relu)
+
+
+# PyTorch's default for nn.Conv2d and nn.Linear weights (kaiming_uniform with a=sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def dirac(base=TORCH_DEFAULT_INIT):
+  """torch.nn.init.dirac_ on the first C_in filters of an HWIO kernel, `base` on the rest:
+  the convolution starts by passing its input channels through unchanged (airbench)."""
+  def init(key, shape, dtype=jnp.float32):
+    kh, kw, cin, cout = shape
+    kernel = base(key, shape, dtype)
+    identity = jnp.zeros((kh, kw, cin, cin), dtype).at[kh // 2, kw // 2].set(jnp.eye(cin, dtype=dtype))
+    return kernel.at[..., :min(cin, cout)].set(identity[..., :min(cin, cout)])
+  return init
 
 
 def conv(features, stddev, bias, name, size=5, relu=True):
@@ -132,8 +149,8 @@ class MnistCnn(nn.Module):
 
 
 @register('mnist_cnn')
-def mnist_cnn(num_classes=10):
-  return MnistCnn(num_classes)
+def mnist_cnn(num_classes=10, **options):
+  return MnistCnn(num_classes, **options)
 
 
 class DeepCnn(nn.Module):
@@ -157,8 +174,58 @@ class DeepCnn(nn.Module):
 
 
 @register('cifar_deep')
-def cifar_deep(num_classes=10):
-  return DeepCnn(num_classes)
+def cifar_deep(num_classes=10, **options):
+  return DeepCnn(num_classes, **options)
+
+
+class FastNet(nn.Module):
+  """Recipe G: airbench94's network (KellerJordan/cifar10-airbench, legacy/airbench94.py).
+
+  A 2x2 patch-whitening convolution (VALID, with bias; its kernel fitted from the data:
+  config.whiten, whitening.py) -> GELU; per width, conv3x3 -> max pool 2 -> batch norm ->
+  GELU -> conv3x3 -> batch norm -> GELU; max pool 3 -> linear head without bias, its
+  logits times `logit_scale`. Convolutions have no bias, PyTorch's default init and
+  (dirac=True) identity filters first; batch norm has a frozen scale of 1 (no parameter,
+  unless batch_norm_scale),
+  a trained bias, and `batch_norm_momentum` in flax's convention (the kept fraction of the
+  running average: PyTorch's momentum 0.4 is 0.6 here). GELU is the exact (erf) one, as
+  torch.nn.GELU's default. Every field is a config.model_options key.
+  """
+  num_classes: int = 10
+  widths: tuple = (64, 256, 256)
+  whiten_size: int = 2
+  batch_norm_momentum: float = 0.6
+  batch_norm_epsilon: float = 1e-12
+  batch_norm_scale: bool = False  # False: the scale is frozen at 1
+  logit_scale: float = 1 / 9
+  dirac: bool = True
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    gelu = functools.partial(nn.gelu, approximate=False)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.batch_norm_momentum, epsilon=self.batch_norm_epsilon,
+                             use_scale=self.batch_norm_scale, use_fast_variance=False)
+    init = dirac() if self.dirac else TORCH_DEFAULT_INIT
+    c = x.shape[-1]
+    x = Conv(2 * c * self.whiten_size**2, (self.whiten_size,) * 2, padding='VALID',
+             kernel_init=TORCH_DEFAULT_INIT, name='whiten')(x)
+    x = gelu(x)
+    for g, width in enumerate(self.widths, start=1):
+      x = Conv(width, (3, 3), use_bias=False, kernel_init=init, name=f'group{g}_conv1')(x)
+      x = gelu(norm(name=f'group{g}_norm1')(ops.max_pool(x, 2, 2, 'VALID')))
+      x = Conv(width, (3, 3), use_bias=False, kernel_init=init, name=f'group{g}_conv2')(x)
+      x = gelu(norm(name=f'group{g}_norm2')(x))
+    x = ops.max_pool(x, 3, 3, 'VALID')
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.num_classes, use_bias=False, kernel_init=TORCH_DEFAULT_INIT,
+                 name='head')(x)
+    return x * self.logit_scale
+
+
+@register('cifar_fast')
+def cifar_fast(num_classes=10, **options):
+  return FastNet(num_classes, **options)
 
 
 # (channels, dropout rate after each conv's BN-ReLU), per group; Paddle's img_conv_group.
@@ -202,13 +269,17 @@ class Vgg16Cifar(nn.Module):
   (Paddle's conv bias gets a zero gradient there and stays at its initial 0).
   """
   num_classes: int = 10
+  batch_norm_momentum: float = 0.9  # flax's convention: the kept fraction
+  batch_norm_epsilon: float = 1e-5
+  batch_norm_scale: bool = True  # False: the scale is frozen at 1
 
   @nn.compact
   def __call__(self, x, train=False):
     # Two-pass variance: flax's default E[x^2] - E[x]^2 cancels catastrophically in float32,
     # enough to make 1 and 8 devices (different summation orders) differ by 0.3%.
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, use_fast_variance=False)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.batch_norm_momentum, epsilon=self.batch_norm_epsilon,
+                             use_scale=self.batch_norm_scale, use_fast_variance=False)
     dense = functools.partial(nn.Dense, kernel_init=PADDLE_FC_INIT)
     for g, (width, drops) in enumerate(VGG16_CIFAR_GROUPS, start=1):
       for i, rate in enumerate(drops, start=1):
@@ -228,8 +299,8 @@ class Vgg16Cifar(nn.Module):
 
 
 @register('cifar_vgg16')
-def cifar_vgg16(num_classes=10):
-  return Vgg16Cifar(num_classes)
+def cifar_vgg16(num_classes=10, **options):
+  return Vgg16Cifar(num_classes, **options)
 
 
 class Vgg16ImageNet(nn.Module):
@@ -258,8 +329,8 @@ class Vgg16ImageNet(nn.Module):
 
 
 @register('vgg16_imagenet')
-def vgg16_imagenet(num_classes=1000):
-  return Vgg16ImageNet(num_classes)
+def vgg16_imagenet(num_classes=1000, **options):
+  return Vgg16ImageNet(num_classes, **options)
 
 
 def param_count(params: Any) -> int:

@@ -8,7 +8,7 @@ import functools
 
 import jax
 
-from cnnjax import config as config_lib, kernels, models, optim, parallel, train
+from cnnjax import config as config_lib, data as data_lib, kernels, models, optim, parallel, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Run:
   mesh: object
   learning_rate: object  # step -> learning rate (the schedule)
   state: train.TrainState  # initial (from config.seed), or abstract: shapes and shardings
+  steps_per_epoch: int  # the feed's (data.steps_per_epoch)
 
   @property
   def replicated(self):
@@ -74,29 +75,42 @@ class Run:
     among its metrics. It donates the state it is given (its buffers become the new
     state's); each length of `inputs` compiles once."""
     c = self.config
+    la = c.lookahead
     return self.jit(
         functools.partial(train.train_steps, fetch=fetch, augment_cfg=c.augment.lock(),
                           weight_loss_terms=weight_loss_terms(c),
                           weight_loss_on=c.weight_loss_on, ema_decay=c.ema_decay,
-                          learning_rate_fn=self.learning_rate),
+                          learning_rate_fn=self.learning_rate,
+                          label_smoothing=c.label_smoothing,
+                          lookahead=((la.every, la.decay, la.power, c.num_train_steps)
+                                     if la.every else None),
+                          steps_per_epoch=self.steps_per_epoch),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
 
-def build(config, data, mesh, initial=True):
+def build(config, data, mesh, initial=True, fit_images=None):
   """The run of `config` on a dataset described by `data` (DataSpec), on `mesh`.
 
   Validates the config against all three first (config.validate: a bad value is a
   UserError before anything is computed). initial=True: the state initialised from
-  config.seed; False: its shapes, dtypes and shardings only (jax.eval_shape: nothing is
-  computed), which a checkpoint restore fills.
+  config.seed, its config.whiten layer fitted to `fit_images` (uint8, the train split's
+  first config.whiten.images) where given; False: its shapes, dtypes and shardings only
+  (jax.eval_shape: nothing is computed), which a checkpoint restore fills.
   """
   config_lib.validate(config, data, mesh)
   learning_rate = optim.learning_rate_fn(config, data.num_train)
+  processes = len({d.process_index for d in mesh.devices.flat})
+  steps_per_epoch = data_lib.steps_per_epoch(data.num_train, config.batch_size,
+                                             config.input_shards or processes)
   replicated = parallel.replicated(mesh)
+  w = config.whiten
+  fit = functools.partial(train.set_kernel, layer=w.layer) if w.layer else None
   init = jax.jit(functools.partial(
-      train.create_train_state, model=models.create(config.model, data.num_classes),
-      tx=optim.make(config, learning_rate), input_shape=input_shape(config, data.image_shape),
-      ema=config.ema_decay > 0), out_shardings=replicated)
+      train.create_train_state,
+      model=models.create(config.model, data.num_classes, **config.model_options),
+      tx=optim.make(config, learning_rate, steps_per_epoch),
+      input_shape=input_shape(config, data.image_shape), ema=config.ema_decay > 0,
+      lookahead=config.lookahead.every > 0, fit=fit), out_shardings=replicated)
   key = jax.random.PRNGKey(config.seed)
   # Initialising needs shapes only (its forward pass is dropped): no kernel choice is made
   # for its one-example batch. The jitted init is new here, so no cached trace of it
@@ -105,8 +119,14 @@ def build(config, data, mesh, initial=True):
     shapes = jax.eval_shape(init, key)
     config_lib.validate(config, layers=shapes.params)  # weight_loss names real layers
     if initial:
-      state = init(key)
+      fit_data = None
+      if fit is not None and fit_images is not None:  # the same on every process
+        kernel = train.whitening_kernel(
+            fit_images, layer_shape=shapes.params[w.layer]['kernel'].shape, eps=w.eps,
+            augment_cfg=config.augment.lock())
+        fit_data = jax.make_array_from_process_local_data(replicated, kernel)
+      state = init(key, fit_data=fit_data)
     else:  # restore onto `replicated` on this process's devices, whatever topology saved it
       state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                            shapes)
-  return Run(config, data, mesh, learning_rate, state)
+  return Run(config, data, mesh, learning_rate, state, steps_per_epoch)

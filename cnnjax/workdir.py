@@ -36,6 +36,9 @@ STATE_FIELDS = {
     'optimizer': lambda c: c.optimizer,
     'augment.crop_size': lambda c: c.augment.crop_size,
     'ema_decay > 0': lambda c: c.get('ema_decay', 0.0) > 0,
+    'lookahead.every > 0': lambda c: c.lookahead.every > 0,
+    'model_options': lambda c: json.loads(json.dumps(c.model_options.to_dict())),
+    'lr_multipliers or freeze_from_epoch': lambda c: bool(c.lr_multipliers or c.freeze_from_epoch),
 }
 
 

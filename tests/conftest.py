@@ -83,6 +83,18 @@ def small_config(**overrides):
       **overrides))
 
 
+# A short Recipe G (configs/cifar_fast.py) with its own rates: a narrow network on 512 real
+# images at batch 64, 8 steps an epoch, 40 steps (5 epochs, flips alternating), the
+# whitening bias frozen after 3.
+SHORT_FAST = dict(train_split='train[:512]', eval_split='test[:200]', batch_size=64,
+                  eval_batch_size=40, num_train_steps=40, log_every=1, checkpoint_every=0,
+                  model_options=dict(widths=(16, 32, 32)), whiten=dict(images=512))
+
+
+def short_fast_config(**overrides):
+  return recipe_config('cifar_fast', **dict(SHORT_FAST, **overrides))
+
+
 def restore(workdir, step, config):
   """The state saved at `step` in workdir (a run of `config`), read back on this process's
   devices through the read-only path predict uses: no data read, nothing computed."""

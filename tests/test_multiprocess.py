@@ -26,12 +26,13 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start(num_processes, process_id, port, workdir, out, extra=()):
+def start(num_processes, process_id, port, workdir, out, extra=(), recipe=False):
+  """A worker process; recipe=True: `extra` names the recipe and all its overrides."""
   env = {**os.environ, 'PYTHONPATH': str(ROOT), **one_kernel_path()}
   env.pop('XLA_FLAGS', None)  # one CPU device per process
   return subprocess.Popen(
       [sys.executable, 'tests/multiprocess_worker.py', f'127.0.0.1:{port}', str(num_processes),
-       str(process_id), str(workdir), str(out), *OVERRIDES, *extra],
+       str(process_id), str(workdir), str(out), *([] if recipe else OVERRIDES), *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -17,6 +17,7 @@ RECIPES = {  # config -> (model, parameter count, input shape)
     'mnist_cnn': ('mnist_cnn', 3_274_634, (28, 28, 1)),
     'cifar_deep': ('cifar_deep', 1_186_378, (32, 32, 3)),
     'cifar_vgg16': ('cifar_vgg16', 15_250_378, (32, 32, 3)),
+    'cifar_fast': ('cifar_fast', 1_971_640, (32, 32, 3)),
     'imagenet_vgg16': ('vgg16_imagenet', 138_357_544, (224, 224, 3)),
 }
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cnnjax import models, optim
+from cnnjax import config as config_lib, models, optim
 from tests.conftest import ROOT, recipe_config
 
 SHARED = ROOT.parent / 'shared'
@@ -119,9 +119,9 @@ def check_tutorial_augmentation(augment_cfg):
                  r'brightness \((\d+)\), random contrast \(([\d.]+)–([\d.]+)\), '
                  r'per-image standardization')
   assert says('SPEC.md', f'Eval: central\n{crop}x{crop} crop + per-image standardization')
-  assert augment_cfg.to_dict() == dict(
+  assert augment_cfg.to_dict() == config_lib.augmentation(
       crop_size=crop, train_crop='random', flip=True, brightness=brightness,
-      contrast=(lower, upper), scale='standardize')
+      contrast=(lower, upper), scale='standardize').to_dict()
 
 
 def test_recipe_a_augmentation_is_distorted_inputs():
@@ -147,11 +147,11 @@ def test_recipe_b_is_the_cookbooks():
   assert says('002', 'final_image = tf.image.resize_image_with_crop_or_pad(reshaped_image')
   assert says('002', 'tf.image.per_image_standardization(final_image)')
   lower, upper = stated('002', r'random_contrast\(final_image,lower=([\d.]+), upper=([\d.]+)\)')
-  assert config.augment.to_dict() == dict(
+  assert config.augment.to_dict() == config_lib.augmentation(
       crop_size=stated('002', r'crop_height = (\d+)'), train_crop='central',
       flip=says('002', 'random_flip_left_right(final_image)'),
       brightness=stated('002', r'random_brightness\(final_image,max_delta=(\d+)\)'),
-      contrast=(lower, upper), scale='standardize')
+      contrast=(lower, upper), scale='standardize').to_dict()
   # Plain SGD on tf.train.exponential_decay(0.1, generation, 250, 0.9, staircase=True).
   assert says('002', 'tf.train.GradientDescentOptimizer(model_learning_rate)')
   assert says('002', 'num_gens_to_wait, lr_decay, staircase=True)')
@@ -207,8 +207,7 @@ def test_recipe_d_is_seed_003s_mnist_cnn():
   assert config.batch_size == stated('003', r'使用大小为(\d+)的mini-batch')
   assert config.num_train_steps == stated('003', r'共进行(\d+)次训练迭代')
   assert config.log_every == stated('003', r'其中每(\d+)次训练')
-  assert config.augment.to_dict() == dict(crop_size=0, train_crop='random', flip=False,
-                                          brightness=0.0, contrast=(), scale='unit')
+  assert config.augment.to_dict() == config_lib.augmentation(scale='unit').to_dict()  # all off
 
 
 # ---------------------------------------------------------------- Recipe E
@@ -259,5 +258,4 @@ def test_recipe_f_is_seed_004s_paddle_vgg():
   assert config.decay_rate == approx(stated('004', r'learning_rate_decay_a=([\d.]+)'))
   assert config.decay_epochs * 50000 == stated('004', r'learning_rate_decay_b=([^,]+),')
   assert config.num_train_steps == stated('004', r'num_passes=(\d+)') * 50000 // batch
-  assert config.augment.to_dict() == dict(crop_size=0, train_crop='random', flip=False,
-                                          brightness=0.0, contrast=(), scale='unit')
+  assert config.augment.to_dict() == config_lib.augmentation(scale='unit').to_dict()  # all off

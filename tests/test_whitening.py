@@ -20,7 +20,7 @@ def test_filters_are_the_scaled_eigenvectors_of_the_patch_covariance():
   for k in range(12):  # largest first; an eigenvector's sign is free
     expected = vectors[:, ::-1][:, k] / np.sqrt(values[::-1][k] + eps)
     got = flat[:, k]
-    np.testing.assert_allclose(got * np.sign(got @ expected), expected, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(got * np.sign(got @ expected), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_layer_whitens_the_patches_it_was_fitted_on():
