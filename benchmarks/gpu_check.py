@@ -23,6 +23,11 @@ no TensorFlow, TFDS or ml-collections; no internet; 64 MiB taken along.
         arrays file: its wall time, and the steps' median from metrics.jsonl;
      c. bench mode, Recipe A at batch 128 and 1024, K = 1 and 10 steps per dispatch;
      d. PyTorch's Recipe A step at batch 128 (eager, torch.compile, CUDA graphs);
+     d2. Recipe G (airbench94): its 476 steps of 1,024 through the real loop on the arrays
+        file (16 steps an epoch there, so ~30 epochs of the part: the time is the recipe's,
+        the accuracy is not), with the steps' median and the run projected from it; and
+        benchmarks/torch_recipe_g.py on the same file, the same 476 steps, torch.compile
+        and float16 (airbench's own setting), its whole-run wall time;
      e. bench mode for B to F at batch 128, K = 1 and 10;
      f. one epoch (390 steps of 128) of E and of F through the real loop, timed, with
         their full schedules (100 and 200 epochs) projected from it;
@@ -224,6 +229,16 @@ def main():
             '(target >= 2x)', flush=True)
   else:
     print('=== d. PyTorch: not installed here, skipped', flush=True)
+  g_steps = 20 if q else 476  # Recipe G's num_train_steps
+  g_dir = os.path.join(work, 'g')
+  part(f'd2. Recipe G, {g_steps} steps of 1,024, real loop, arrays file', limit,
+       train('cifar_fast', g_dir, g_steps, '--config.checkpoint_every=0'), keep)
+  steps_median(g_dir, "Recipe G's run", 476)
+  if has('torch'):
+    per_epoch = 16384 // 1024  # the arrays file's train split
+    part('d2. PyTorch Recipe G, compiled, float16, same steps', limit,
+         [py, 'benchmarks/torch_recipe_g.py', '--dataset', args.dataset, '--seeds', '0',
+          '--compile', '--half', '--epochs', str(g_steps / per_epoch)], ('torch', 'seed'))
   bench('e. bench mode, B to F, batch 128, K = 1 and 10',
         [(c, 128, k) for c in ('cifar_cookbook', 'cifar_tutorial', 'mnist_cnn', 'cifar_deep',
                                'cifar_vgg16') for k in (1, 10)], 2 * limit)

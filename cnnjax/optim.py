@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules, built from the config by name."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cnnjax import config as config_lib
@@ -38,8 +39,8 @@ def learning_rate_fn(config, num_train_examples):
 def triangular(peak, total_steps, start, peak_at, end):
   """airbench's one-cycle schedule: peak * (start -> 1 linearly over the first
   int(peak_at * total_steps) steps, then 1 -> end at total_steps; end after)."""
-  knots = jnp.array([0.0, int(peak_at * total_steps), total_steps], jnp.float32)
-  factors = jnp.array([start, 1.0, end], jnp.float32)
+  knots = np.array([0.0, int(peak_at * total_steps), total_steps], np.float32)
+  factors = np.array([start, 1.0, end], np.float32)
   return lambda step: peak * jnp.interp(jnp.asarray(step, jnp.float32), knots, factors)
 
 

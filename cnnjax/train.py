@@ -56,7 +56,8 @@ def whitening_kernel(images, *, layer_shape, eps, augment_cfg):
 
 def set_kernel(params, kernel, *, layer):
   """params with `layer`'s kernel replaced by `kernel` (create_train_state's fit)."""
-  return {**params, layer: {**params[layer], 'kernel': kernel.astype(params[layer]['kernel'].dtype)}}
+  dtype = params[layer]['kernel'].dtype
+  return {**params, layer: {**params[layer], 'kernel': kernel.astype(dtype)}}
 
 
 WEIGHT_LOSS_ON = ('kernels', 'all')
@@ -65,10 +66,11 @@ WEIGHT_LOSS_ON = ('kernels', 'all')
 def weight_loss(params, weight_loss_terms, on='kernels'):
   """Sum over layers of wl * tf.nn.l2_loss(p): TF's 'losses' collection.
 
-  `weight_loss_terms` is ((layer_name or pattern, wl), ...), looked up as
-  config.lookup does: a layer's own name, else the pattern matching it, else '*'. on='kernels': only kernels carry it (the TF seeds); on='all':
-  every parameter of the layer, biases and batch-norm scale and offset too, whose
-  gradient wl * p is PaddlePaddle's L2Regularization decay.
+  `weight_loss_terms` is ((layer name or pattern, wl), ...), looked up as config.lookup
+  does: a layer's own name, else the pattern matching it, else '*'. on='kernels': only
+  kernels carry it (the TF seeds); on='all': every parameter of the layer, biases and
+  batch-norm scale and offset too, whose gradient wl * p is PaddlePaddle's
+  L2Regularization decay (and PyTorch's coupled weight_decay).
   """
   wl_of = dict(weight_loss_terms)
   terms = []
