@@ -46,6 +46,7 @@ class Run:
   learning_rate: object  # step -> learning rate (the schedule)
   state: train.TrainState  # initial (from config.seed), or abstract: shapes and shardings
   steps_per_epoch: int  # the feed's (data.steps_per_epoch)
+  frozen: tuple = ()  # 'layer/param' names never trained (config.freeze_from_epoch 0)
 
   @property
   def replicated(self):
@@ -84,7 +85,7 @@ class Run:
                           label_smoothing=c.label_smoothing,
                           lookahead=((la.every, la.decay, la.power, c.num_train_steps)
                                      if la.every else None),
-                          steps_per_epoch=self.steps_per_epoch),
+                          steps_per_epoch=self.steps_per_epoch, frozen=self.frozen),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
 
@@ -129,4 +130,6 @@ def build(config, data, mesh, initial=True, fit_images=None):
     else:  # restore onto `replicated` on this process's devices, whatever topology saved it
       state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                            shapes)
-  return Run(config, data, mesh, learning_rate, state, steps_per_epoch)
+  frozen = tuple(n for n in config_lib.param_names(shapes.params)
+                 if config_lib.lookup(config.freeze_from_epoch, n) == 0)
+  return Run(config, data, mesh, learning_rate, state, steps_per_epoch, frozen)

@@ -63,14 +63,16 @@ def set_kernel(params, kernel, *, layer):
 WEIGHT_LOSS_ON = ('kernels', 'all')
 
 
-def weight_loss(params, weight_loss_terms, on='kernels'):
+def weight_loss(params, weight_loss_terms, on='kernels', frozen=()):
   """Sum over layers of wl * tf.nn.l2_loss(p): TF's 'losses' collection.
 
   `weight_loss_terms` is ((layer name or pattern, wl), ...), looked up as config.lookup
   does: a layer's own name, else the pattern matching it, else '*'. on='kernels': only
   kernels carry it (the TF seeds); on='all': every parameter of the layer, biases and
   batch-norm scale and offset too, whose gradient wl * p is PaddlePaddle's
-  L2Regularization decay (and PyTorch's coupled weight_decay).
+  L2Regularization decay (and PyTorch's coupled weight_decay). `frozen`: 'layer/param'
+  names left out, parameters never trained (PyTorch gives them no decay; counted, their
+  constant term would only shift the reported loss).
   """
   wl_of = dict(weight_loss_terms)
   terms = []
@@ -78,8 +80,9 @@ def weight_loss(params, weight_loss_terms, on='kernels'):
     wl = config_lib.lookup(wl_of, name, 0.0)
     if not wl:
       continue
-    decayed = layer.values() if on == 'all' else [layer['kernel']] if 'kernel' in layer else []
-    terms += [wl * ops.l2_loss(p) for p in decayed]
+    decayed = (layer.items() if on == 'all' else
+               [('kernel', layer['kernel'])] if 'kernel' in layer else [])
+    terms += [wl * ops.l2_loss(p) for k, p in decayed if f'{name}/{k}' not in frozen]
   return sum(terms, jnp.float32(0))
 
 
@@ -100,7 +103,7 @@ def _variables(state, params):
 
 
 def loss_fn(params, state, images, labels, weight_loss_terms, weight_loss_on, dropout_key,
-            label_smoothing=0.0):
+            label_smoothing=0.0, frozen=()):
   """Mean cross-entropy + weight losses, as the seeds' tf.add_n(losses).
 
   Returns (loss, (cross_entropy, logits, new batch-norm statistics or None)).
@@ -114,7 +117,8 @@ def loss_fn(params, state, images, labels, weight_loss_terms, weight_loss_on, dr
                                      mutable=['batch_stats'])
     batch_stats = updates['batch_stats']
   ce = jnp.mean(cross_entropy(logits, labels, label_smoothing))
-  return ce + weight_loss(params, weight_loss_terms, weight_loss_on), (ce, logits, batch_stats)
+  return (ce + weight_loss(params, weight_loss_terms, weight_loss_on, frozen),
+          (ce, logits, batch_stats))
 
 
 def ema_update(ema_params, params, step, decay):
@@ -143,14 +147,15 @@ def lookahead_update(state: TrainState, every, decay, power, total_steps):
 
 def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_loss_terms,
                weight_loss_on='kernels', ema_decay=0.0, learning_rate_fn=None,
-               label_smoothing=0.0, lookahead=None, steps_per_epoch=None):
+               label_smoothing=0.0, lookahead=None, steps_per_epoch=None, frozen=()):
   """One optimizer step on a uint8 batch; augmentation and dropout keyed by (rng, step).
 
   learning_rate_fn: the optimizer's schedule, to report the step's rate among the
   metrics (computed here, the host never has to queue a computation of its own).
   lookahead: (every, decay, power, total_steps) of lookahead_update, or None.
   steps_per_epoch: the feed's, for augmentations that follow the epoch (alternating
-  flip, from the batch's 'index' of each example in the split).
+  flip, from the batch's 'index' of each example in the split). frozen: the parameters
+  never trained, left out of the weight loss.
   """
   key = jax.random.fold_in(state.rng, state.step)
   examples = None
@@ -161,7 +166,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (ce, _, batch_stats)), grads = grad_fn(
       state.params, state, images, batch['label'], weight_loss_terms, weight_loss_on, dropout_key,
-      label_smoothing)
+      label_smoothing, frozen)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if state.ema_params is not None:
     new_state = new_state.replace(ema_params=ema_update(

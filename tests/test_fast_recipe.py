@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from cnnjax import (augment, checkpoint, config as config_lib, data, loop, models, ops, optim,
-                    train, whitening)
+                    parallel, state as state_lib, train, whitening)
 from configs.cifar_fast import AIRBENCH94
 from tests import conftest
 from tests.conftest import as_flags, assert_same_state, recipe_config, restore, run_py
@@ -232,6 +232,22 @@ def test_tta_equals_averaging_the_six_views_by_hand():
 
 SHORT = conftest.SHORT_FAST
 short = conftest.short_fast_config
+
+
+def test_weight_loss_leaves_out_the_never_trained_whitening_kernel():
+  """airbench's frozen kernel gets no decay; here its constant term would dominate the
+  logged loss. Every other parameter carries its config weight loss."""
+  c = config(model_options=dict(widths=(8, 16, 16)))
+  run = state_lib.build(c, state_lib.DataSpec(10, (32, 32, 3), 50000), parallel.make_mesh())
+  assert run.frozen == ('whiten/kernel',)
+  params = run.state.params
+  expected = sum(config_lib.lookup(c.weight_loss, layer) * float(np.sum(np.square(p))) / 2
+                 for layer, ps in params.items() for name, p in ps.items()
+                 if f'{layer}/{name}' != 'whiten/kernel')
+  got = train.weight_loss(params, state_lib.weight_loss_terms(c), c.weight_loss_on, run.frozen)
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+  everything = train.weight_loss(params, state_lib.weight_loss_terms(c), c.weight_loss_on)
+  assert float(everything) > float(got)
 
 
 def test_initial_state_whitens_the_first_train_images():
