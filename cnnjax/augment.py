@@ -9,13 +9,14 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def random_crop(key, images, size):
-  """tf.image.random_crop to size x size: one uniform offset per image."""
+def random_crop(key, images, size, width=None):
+  """tf.image.random_crop to size x size (size x width): one uniform offset per image."""
   n, h, w, c = images.shape
+  width = width or size
   key_y, key_x = jax.random.split(key)
   ys = jax.random.randint(key_y, (n,), 0, h - size + 1)
-  xs = jax.random.randint(key_x, (n,), 0, w - size + 1)
-  crop = lambda im, y, x: lax.dynamic_slice(im, (y, x, 0), (size, size, c))
+  xs = jax.random.randint(key_x, (n,), 0, w - width + 1)
+  crop = lambda im, y, x: lax.dynamic_slice(im, (y, x, 0), (size, width, c))
   return jax.vmap(crop)(images, ys, xs)
 
 
@@ -53,12 +54,8 @@ def reflect_pad(images, pad):
 def random_translate(key, images, pad):
   """airbench's translation: reflect-pad by `pad`, then the image's size back at a uniform
   offset, each axis's shift in [-pad, pad] drawn independently per image."""
-  n, h, w, c = images.shape
-  key_y, key_x = jax.random.split(key)
-  ys = jax.random.randint(key_y, (n,), 0, 2 * pad + 1)
-  xs = jax.random.randint(key_x, (n,), 0, 2 * pad + 1)
-  crop = lambda im, y, x: lax.dynamic_slice(im, (y, x, 0), (h, w, c))
-  return jax.vmap(crop)(reflect_pad(images, pad), ys, xs)
+  h, w = images.shape[1:3]
+  return random_crop(key, reflect_pad(images, pad), h, w)
 
 
 def tta_logits(logits_of, images, level):

@@ -115,12 +115,17 @@ def no_augmentation(scale='unit'):
   return augmentation(scale=scale)
 
 
+def _patterns_matching(table, name):
+  """The keys of `table` other than '*' that match `name` as fnmatch patterns."""
+  return [k for k in table if k != '*' and fnmatch.fnmatchcase(name, k)]
+
+
 def lookup(table, name, default=None):
   """table's entry for `name`: its own, else the one fnmatch pattern other than '*' that
   matches it (validate() rejects a name two match), else '*', else default."""
   if name in table:
     return table[name]
-  matches = [k for k in table if k != '*' and fnmatch.fnmatchcase(name, k)]
+  matches = _patterns_matching(table, name)
   if matches:
     return table[matches[0]]
   return table.get('*', default)
@@ -133,7 +138,7 @@ def _check_patterns(need, field, table, names):
     need(key == '*' or any(fnmatch.fnmatchcase(n, key) for n in names),
          f'{field} names {key!r}, which matches none of {", ".join(names)}')
   for n in names:
-    matches = [k for k in table if k != '*' and fnmatch.fnmatchcase(n, k)]
+    matches = _patterns_matching(table, n)
     need(n in table or len(matches) <= 1,
          f'{field}: {n!r} is matched by more than one of {", ".join(matches)}')
 
@@ -154,7 +159,7 @@ def validate(c, data=None, mesh=None, layers=None):
   of a config is here. The fields alone always; with `data` (state.DataSpec) against the
   dataset, with `mesh` against the devices and processes, with `layers` (the model's
   params, or their shapes) the layers weight_loss names. state.build runs all of them."""
-  from cnnjax import feed, models, optim, train  # jax, flax and optax: only when checking
+  from cnnjax import feed, models, optim, parallel, train  # jax, flax, optax: only when checking
   def need(ok, message):
     if not ok:
       raise UserError(f'bad config: {message}')
@@ -207,7 +212,7 @@ def validate(c, data=None, mesh=None, layers=None):
   if c.schedule == 'exponential_decay':
     need(c.decay_steps > 0 or c.decay_epochs > 0,
          'exponential_decay needs decay_steps > 0 or decay_epochs > 0')
-  processes = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
+  processes = 1 if mesh is None else parallel.process_count(mesh)
   shards = c.input_shards or processes  # as the trainer reads the train split
   if mesh is not None:
     devices = mesh.devices.size

@@ -21,6 +21,11 @@ def make_mesh():
   return jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(AxisType.Auto,))
 
 
+def process_count(mesh):
+  """The processes whose devices `mesh` spans."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
 def scoped(mesh, fn):
   """fn, traced with `mesh` as the context mesh: the oneDNN custom calls
   (cnnjax/kernels.py) find it there when traced and run per device under shard_map.

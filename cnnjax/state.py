@@ -100,9 +100,8 @@ def build(config, data, mesh, initial=True, fit_images=None):
   """
   config_lib.validate(config, data, mesh)
   learning_rate = optim.learning_rate_fn(config, data.num_train)
-  processes = len({d.process_index for d in mesh.devices.flat})
   steps_per_epoch = data_lib.steps_per_epoch(data.num_train, config.batch_size,
-                                             config.input_shards or processes)
+                                             config.input_shards or parallel.process_count(mesh))
   replicated = parallel.replicated(mesh)
   w = config.whiten
   fit = functools.partial(train.set_kernel, layer=w.layer) if w.layer else None
