@@ -155,16 +155,58 @@ def evaluate(model, test_x, test_y, level, batch=1000):
   return correct / len(test_x)
 
 
+def optimizer(model, total, lr_scale=1.0):
+  """airbench's SGD in PyTorch's terms, and its LambdaLR schedule over `total` steps: two
+  groups, the batch-norm biases at bias_scaler x the rate, each with coupled weight decay
+  wd / its rate (so each group decays by wd a step, whatever its rate); Nesterov.
+  lr_scale scales both rates, and so the decay (benchmarks/recipe_g_equivalence.py)."""
+  batch, momentum = H['batch_size'], H['momentum']
+  kilostep = 1024 * (1 + 1 / (1 - momentum))
+  lr, wd = lr_scale * H['lr'] / kilostep, lr_scale * H['weight_decay'] * batch / kilostep
+  lr_biases = lr * H['bias_scaler']
+  norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+  others = [p for p in model.parameters()
+            if p.requires_grad and all(p is not q for q in norm_biases)]
+  opt = torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
+                         dict(params=others, lr=lr, weight_decay=wd / lr)],
+                        momentum=momentum, nesterov=True)
+  return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: triangle(s, total))
+
+
+def loss_function():
+  return nn.CrossEntropyLoss(label_smoothing=H['label_smoothing'], reduction='sum')
+
+
+def train_step(model, net, opt, schedule, loss_fn, slow, inputs, labels, step, total, epoch):
+  """Step `step` (0-based) of `total` in `epoch`: the whitening bias trains for the first
+  whiten_bias_epochs only, the summed loss's SGD step, then lookahead every 5 steps and
+  at the last (slow <- slow + (1 - decay)(fast - slow), fast <- slow, over the whole
+  state_dict: batch-norm statistics too). `net` is `model` or its compiled form."""
+  model[0].bias.requires_grad = epoch < H['whiten_bias_epochs']
+  loss = loss_fn(net(inputs), labels)
+  opt.zero_grad(set_to_none=True)
+  loss.backward()
+  opt.step()
+  schedule.step()
+  done = step + 1
+  every = H['lookahead_every']
+  if done % every == 0 or done == total:
+    decay = lookahead_decay(done, total) if done % every == 0 else 1.0
+    with torch.no_grad():
+      for k, v in model.state_dict().items():
+        if v.dtype in (torch.float16, torch.float32):
+          slow[k].lerp_(v, 1 - decay)
+          v.copy_(slow[k])
+  return loss
+
+
 def train_once(seed, train_x, train_y, test_x, test_y, args, device):
   torch.manual_seed(seed)
   generator = torch.Generator().manual_seed(seed)
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-  batch, momentum = H['batch_size'], H['momentum']
+  batch = H['batch_size']
   steps_per_epoch = len(train_x) // batch
   total = math.ceil(steps_per_epoch * args.epochs)
-  kilostep = 1024 * (1 + 1 / (1 - momentum))
-  lr, wd = H['lr'] / kilostep, H['weight_decay'] * batch / kilostep
-  lr_biases = lr * H['bias_scaler']
 
   model = make_net().to(device, memory_format=torch.channels_last)
   if args.half:
@@ -177,14 +219,8 @@ def train_once(seed, train_x, train_y, test_x, test_y, args, device):
   with torch.no_grad():
     model[0].weight.copy_(whitening_weight(train_x[:H['whiten_images']]))
   slow = {k: v.clone() for k, v in model.state_dict().items()}  # after the fit (cnnjax's)
-  norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-  others = [p for p in model.parameters()
-            if p.requires_grad and all(p is not q for q in norm_biases)]
-  opt = torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
-                         dict(params=others, lr=lr, weight_decay=wd / lr)],
-                        momentum=momentum, nesterov=True)
-  schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: triangle(s, total))
-  loss_fn = nn.CrossEntropyLoss(label_smoothing=H['label_smoothing'], reduction='sum')
+  opt, schedule = optimizer(model, total)
+  loss_fn = loss_function()
   net = torch.compile(model) if args.compile else model
 
   pad = H['translate']
@@ -194,28 +230,13 @@ def train_once(seed, train_x, train_y, test_x, test_y, args, device):
   flip_bits = torch.rand(len(train_x), generator=generator).to(device) < 0.5
   step = 0
   for epoch in range(math.ceil(args.epochs)):
-    model[0].bias.requires_grad = epoch < H['whiten_bias_epochs']
     order = torch.randperm(len(train_x), generator=generator).to(device)
-    for i in range(steps_per_epoch):
+    for i in range(min(steps_per_epoch, total - step)):
       idx = order[i * batch:(i + 1) * batch]
       inputs = augment_batch(padded, flip_bits, epoch % 2 == 1, idx, generator, pad)
-      loss = loss_fn(net(inputs), train_y[idx])
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
-      schedule.step()
+      loss = train_step(model, net, opt, schedule, loss_fn, slow, inputs, train_y[idx],
+                        step, total, epoch)
       step += 1
-      if step % 5 == 0 or step == total:
-        decay = lookahead_decay(step, total) if step % 5 == 0 else 1.0
-        with torch.no_grad():
-          for k, v in model.state_dict().items():
-            if v.dtype in (torch.float16, torch.float32):
-              slow[k].lerp_(v, 1 - decay)
-              v.copy_(slow[k])
-      if step == total:
-        break
-    if step == total:
-      break
   test_in = test_x.half() if args.half else test_x
   tta = evaluate(net, test_in, test_y, H['tta_level'])
   sync()
