@@ -306,6 +306,20 @@ def test_short_recipe_g_is_exact_across_feeds_dispatch_and_resume(short_runs):
   assert_same_state(resumed['state'], reference['state'])
 
 
+def assert_same_training(leaves, reference_leaves, tolerance=1e-5):
+  """Leaf by leaf, the largest difference within `tolerance` of the reference leaf's
+  largest value (+1e-6): float rounding from another summation order. Not element by
+  element: the identity-initialised filters' off-identity entries are tiny updates whose
+  gradients are small differences of large sums (batch norm follows), so rounding moves
+  them by percents of themselves (seen: 2e-6 on entries of 1e-5, 1 vs 8 devices) but by
+  ~4e-6 of the filter; a real difference (statistics over the wrong batch, a missed
+  lookahead) moves a leaf by far more than 1e-5 of itself."""
+  for a, b in zip(leaves, reference_leaves, strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    worst, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
+    assert worst <= tolerance * scale + 1e-6, f'{a.shape}: differs by {worst:.2e} (largest {scale:.2e})'
+
+
 def test_short_recipe_g_on_eight_devices_trains_like_one(tmp_path):
   """run.py on 8 CPU devices against one: batch-norm statistics over the global batch, the
   lookahead, the schedule and the per-example flips (2 epochs, 16 steps) alike. At the
@@ -324,10 +338,13 @@ def test_short_recipe_g_on_eight_devices_trains_like_one(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'devices: 8 x ' in r.stdout
   eight = restore(tmp_path / 'eight', overrides['num_train_steps'], short(**overrides))
-  for a, b in zip(jax.tree.leaves((eight.params, eight.batch_stats, eight.slow)),
-                  jax.tree.leaves((reference.params, reference.batch_stats, reference.slow)),
-                  strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert_same_training(jax.tree.leaves((eight.params, eight.slow['params'])),
+                       jax.tree.leaves((reference.params, reference.slow['params'])))
+  # The running statistics average 16 batches' moments, each reduced over the global batch
+  # in another order on 8 devices (seen: 1.9e-5 of the largest on jax 0.12, AVX-512).
+  assert_same_training(jax.tree.leaves((eight.batch_stats, eight.slow['batch_stats'])),
+                       jax.tree.leaves((reference.batch_stats, reference.slow['batch_stats'])),
+                       tolerance=1e-4)
 
 
 def test_short_recipe_g_on_two_processes_trains_like_one(tmp_path):
@@ -348,5 +365,5 @@ def test_short_recipe_g_on_two_processes_trains_like_one(tmp_path):
   leaves = jax.tree.leaves(reference['state'].params)
   for i, ours in enumerate(leaves):
     np.testing.assert_array_equal(two[0][f'arr_{i}'], two[1][f'arr_{i}'])
-    np.testing.assert_allclose(two[0][f'arr_{i}'], np.asarray(ours), rtol=1e-5, atol=1e-6)
+    assert_same_training([two[0][f'arr_{i}']], [ours])
   assert float(two[0]['precision']) == reference['precision']
