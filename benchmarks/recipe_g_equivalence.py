@@ -45,10 +45,9 @@ def cnnjax_config(args):
   # The config states airbench's rates for its batch of 1,024 as rates of the batch-mean
   # loss; the reference's are of the summed loss, whatever the batch: rescale to match.
   scale = args.batch / cifar_fast.AIRBENCH94['batch_size']
-  c.learning_rate *= scale
+  c.learning_rate *= scale * args.lr_scale
   c.weight_loss = {k: v / scale for k, v in c.weight_loss.items()}
   c.whiten.images = args.examples
-  c.learning_rate *= args.lr_scale
   c.augment.flip = c.augment.alternating_flip = False
   c.augment.translate = 0
   return c
@@ -72,6 +71,12 @@ def cnnjax_layout(t):
   return t.transpose(2, 3, 1, 0) if t.ndim == 4 else t.T if t.ndim == 2 else t
 
 
+def torch_layout(v):
+  """cnnjax_layout's inverse, for a cnnjax array."""
+  v = np.asarray(v)
+  return v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T if v.ndim == 2 else v
+
+
 def to_torch(params, batch_stats, model):
   """cnnjax's parameters and batch-norm statistics into the PyTorch network."""
   tensors = model.state_dict()  # shares storage with the model
@@ -79,9 +84,7 @@ def to_torch(params, batch_stats, model):
     for table in (params, batch_stats):
       for layer, leaves in table.items():
         for leaf, v in leaves.items():
-          v = np.array(v)  # a writable copy for torch.from_numpy
-          v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T if v.ndim == 2 else v
-          tensors[torch_key(layer, leaf)].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+          tensors[torch_key(layer, leaf)].copy_(torch.tensor(torch_layout(v)))
 
 
 def relative_differences(ours, torch_tensors):
