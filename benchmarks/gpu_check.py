@@ -27,7 +27,8 @@ no TensorFlow, TFDS or ml-collections; no internet; 64 MiB taken along.
         file (16 steps an epoch there, so ~30 epochs of the part: the time is the recipe's,
         the accuracy is not), with the steps' median and the run projected from it; and
         benchmarks/torch_recipe_g.py on the same file, the same 476 steps, torch.compile
-        and float16 (airbench's own setting), its whole-run wall time;
+        and float16 (airbench's own setting), its whole-run wall time (compilation is
+        outside it: a warm-up, timed on its own line, compiles first);
      e. bench mode for B to F at batch 128, K = 1 and 10;
      f. one epoch (390 steps of 128) of E and of F through the real loop, timed, with
         their full schedules (100 and 200 epochs) projected from it;
