@@ -15,7 +15,7 @@ no TensorFlow, TFDS or ml-collections; no internet; 64 MiB taken along.
 
        python3 benchmarks/gpu_check.py 2>&1 | tail -100
 
-   installs the wheels whose module is missing into a scratch directory, then prints,
+   unpacks the wheels whose module is missing into a scratch directory (no pip), then prints,
    each part under its own time limit (a part that overruns is cut and the next starts):
      a. versions, the device and what it reports of its memory;
      b. the main job: Recipe A's 3,000 steps through the real loop (run.py, the data on
@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAYLOAD = ROOT / 'gpu_payload'
@@ -68,13 +69,17 @@ FULL = {'cifar_deep': ('100 epochs', 39000), 'cifar_vgg16': ('200 epochs', 78125
 
 def prepare():
   (PAYLOAD / 'wheels').mkdir(parents=True, exist_ok=True)
-  subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
-                  '--only-binary=:all:', '--python-version', '3.12', '--platform',
-                  'manylinux2014_x86_64', '--platform', 'manylinux_2_17_x86_64', '-d',
-                  str(PAYLOAD / 'wheels'), *WHEELS], check=True)
-  subprocess.run([sys.executable, 'run.py', '--mode=export', '--config', 'configs/cifar_lrn.py',
-                  '--out', str(DATA), '--config.train_split=train[:16384]',
-                  '--config.eval_split=test[:2000]'], cwd=ROOT, check=True)
+  for what, command in (
+      ('downloading the wheels', [
+          sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--only-binary=:all:',
+          '--python-version', '3.12', '--platform', 'manylinux2014_x86_64', '--platform',
+          'manylinux_2_17_x86_64', '-d', str(PAYLOAD / 'wheels'), *WHEELS]),
+      ('exporting CIFAR-10', [
+          sys.executable, 'run.py', '--mode=export', '--config', 'configs/cifar_lrn.py',
+          '--out', str(DATA), '--config.train_split=train[:16384]',
+          '--config.eval_split=test[:2000]'])):
+    if subprocess.run(command, cwd=ROOT).returncode:  # its own error is printed above
+      sys.exit(f'error: prepare stopped: {what} failed')
   size = sum(f.stat().st_size for f in PAYLOAD.rglob('*') if f.is_file())
   print(f'{PAYLOAD}: {size / 2**20:.1f} MiB')
 
@@ -87,13 +92,15 @@ def has(module):
 
 
 def install_missing(site):
-  """The payload's wheels whose module this Python lacks, into `site` (on PYTHONPATH)."""
+  """The payload's wheels whose module this Python lacks, unpacked into `site` (put on
+  PYTHONPATH). Unpacking is a wheel's whole install where, as in these five, it has no
+  .data directory; so pip is not needed there."""
   by_name = {req.split('>')[0].lower().replace('-', '_'): module for req, module in WHEELS.items()}
   missing = [w for w in sorted(glob.glob(str(PAYLOAD / 'wheels' / '*.whl')))
              if not has(by_name.get(os.path.basename(w).split('-')[0].lower(), '?'))]
-  if missing:
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps',
-                    '--target', site, *missing], check=True)
+  for wheel in missing:
+    with zipfile.ZipFile(wheel) as z:
+      z.extractall(site)
   names = [os.path.basename(w).split('-')[0] for w in missing]
   print('installed from the payload:', ', '.join(names) or 'nothing (all present)', flush=True)
 

@@ -209,12 +209,14 @@ def warm_up(model, net, train_x, train_y, test_x, test_y, args, sync):
   start = time.perf_counter()
   initial = {k: v.clone() for k, v in model.state_dict().items()}
   slow = {k: v.clone() for k, v in initial.items()}
-  opt, schedule = optimizer(model, 10)
+  steps = 10  # the warm-up's schedule length: any length compiles the same graphs
+  opt, schedule = optimizer(model, steps)
+  loss_fn = loss_function()
   half = (lambda x: x.half()) if args.half else (lambda x: x)
   batch = H['batch_size']
   for step, epoch in enumerate((0, 0, H['whiten_bias_epochs'])):
-    train_step(model, net, opt, schedule, loss_function(), slow, half(train_x[:batch]),
-               train_y[:batch], step, 10, epoch)
+    train_step(model, net, opt, schedule, loss_fn, slow, half(train_x[:batch]),
+               train_y[:batch], step, steps, epoch)
   evaluate(net, half(test_x[:1000]), test_y[:1000], H['tta_level'])
   model.load_state_dict(initial)
   sync()
