@@ -96,13 +96,13 @@ def install_missing(site):
   PYTHONPATH). Unpacking is a wheel's whole install where, as in these five, it has no
   .data directory; so pip is not needed there."""
   by_name = {req.split('>')[0].lower().replace('-', '_'): module for req, module in WHEELS.items()}
-  missing = [w for w in sorted(glob.glob(str(PAYLOAD / 'wheels' / '*.whl')))
-             if not has(by_name.get(os.path.basename(w).split('-')[0].lower(), '?'))]
-  for wheel in missing:
-    with zipfile.ZipFile(wheel) as z:
+  wheels = {os.path.basename(w).split('-')[0]: w  # distribution name -> its wheel
+            for w in sorted(glob.glob(str(PAYLOAD / 'wheels' / '*.whl')))}
+  missing = [name for name in wheels if not has(by_name.get(name.lower(), '?'))]
+  for name in missing:
+    with zipfile.ZipFile(wheels[name]) as z:
       z.extractall(site)
-  names = [os.path.basename(w).split('-')[0] for w in missing]
-  print('installed from the payload:', ', '.join(names) or 'nothing (all present)', flush=True)
+  print('installed from the payload:', ', '.join(missing) or 'nothing (all present)', flush=True)
 
 
 DEADLINE = [float('inf')]  # time.perf_counter() at which no part may still run
