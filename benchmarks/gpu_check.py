@@ -253,7 +253,8 @@ def main():
   for config, (what, steps) in FULL.items():
     workdir = os.path.join(work, config)
     part(f'f. one epoch ({epoch} steps) of {config}, real loop', limit,
-         train(config, workdir, epoch, '--config.eval_every=0', '--config.checkpoint_every=0'),
+         train(config, workdir, epoch, '--config.eval_every=0', '--config.checkpoint_every=0',
+               *(['--config.log_every=1'] if q else [])),  # --quick: enough steps for a median
          keep)
     steps_median(workdir, f'its {what}', steps)
   part('g. what a checkpoint costs the loop, Recipe A', limit,
