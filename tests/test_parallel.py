@@ -86,16 +86,15 @@ def relative_error(x, y):
 
 def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
   # VGG-16: batch-norm statistics of the global batch, dropout masks drawn for the
-  # global batch, so the device count changes only float summation order, which thirteen
-  # batch norms over 16 images (the last ones over 2x2 and 1x1 maps) amplify. Measured, on
-  # XLA's kernels for both runs: the updates of 1 and 8 devices differ by 5e-5 (jax 0.10.2,
-  # AMD EPYC Zen 5, natively and under --xla_cpu_max_isa=AVX2) and by up to 4.5e-2 of a
-  # layer's update (jax 0.12.0.1 there, and a CI machine on jax 0.10.2: the same 3.4e-2 for
-  # bn1_1's bias on both, the one-device run's second loss 3.76407 against 3.76394). Mixing
-  # the two CPU paths differs by 8e-3, so both runs take XLA's. A wrong reduction is off
-  # by order 1 (a missing gradient average: 7x; per-device statistics over 2 images, or
-  # one dropout mask per device: most of the update). So compare each layer's update (not
-  # the params, which barely move in 2 steps) by norm, at 0.15.
+  # global batch, so the device count changes only float summation order. But these two
+  # steps' updates are not a smooth function of rounding: moving every initial weight by
+  # one float32 ulp on one device moves the second loss between the same two values the
+  # device count does (3.764052 and 3.763938 on jax 0.12.1) and a layer's update by up to
+  # 3.5e-2, as much as 8 devices do (benchmarks/vgg_device_rounding.py, docs/RESULTS.md).
+  # Mixing the two CPU paths differs likewise, so both runs take XLA's. A wrong reduction
+  # is off by order 1 (a missing gradient average: 7x; per-device statistics over 2
+  # images, or one dropout mask per device: most of the update). So compare each layer's
+  # update (not the params, which barely move in 2 steps) by norm, at 0.15.
   config = recipe_config('cifar_vgg16', **VGG)
   initial = state_lib.build(config, state_lib.DataSpec.of(data.info(config.dataset),
                                                           config.train_split),
