@@ -46,10 +46,9 @@ def test_truncated_normal_matches_tf_distribution(tf):
 DENSE = ('local3', 'local4', 'logits')  # tf_lrn_net's layers after the last max pool
 
 
-def tf_lrn_net(tf, p, x, lrn, norm2_before_pool2, lrn_op=None):
-  """Recipes A/B written with TF ops, as the seeds write them (`lrn_op`: tf.nn.lrn)."""
-  lrn_op = lrn_op or tf.nn.lrn
-
+def tf_lrn_net(tf, p, x, lrn, norm2_before_pool2, lrn_op):
+  """Recipes A/B written with TF ops, as the seeds write them (`lrn_op`: tf.nn.lrn, or
+  tf_lrn_formula where tf.nn.lrn has no kernel)."""
   def conv(h, name):
     return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(h, p[name]['kernel'], 1, 'SAME'),
                                      p[name]['bias']))
@@ -78,10 +77,11 @@ def tf_lrn_formula(tf, x, depth_radius, bias, alpha, beta):
   return x / (bias + alpha * window_sum) ** beta
 
 
-def network_beside_tf(tf, recipe, dtype, lrn_op=None):
+def network_beside_tf(tf, recipe, dtype):
   """The recipe's network and loss (its config's weight losses, its model's LRN constants
-  and layer order), through train.loss_fn, and the same network written with tf.nn ops,
-  both in `dtype` from the same weights and batch: ((loss, logits, grads) ours, TF's)."""
+  and layer order), through train.loss_fn, and the same network written with tf.nn ops
+  (in float64 with tf_lrn_formula for tf.nn.lrn), both in `dtype` from the same weights
+  and batch: ((loss, logits, grads) ours, TF's)."""
   config = recipe_config(recipe)
   model = models.create(config.model, 10)
   import optax
@@ -102,6 +102,8 @@ def network_beside_tf(tf, recipe, dtype, lrn_op=None):
 
   tf_params = jax.tree.map(tf.Variable, params)
   with tf.GradientTape() as tape:
+    lrn_op = (tf.nn.lrn if dtype == np.float32 else
+              lambda x, **lrn: tf_lrn_formula(tf, x, **lrn))
     tf_logits = tf_lrn_net(tf, tf_params, tf.constant(images), model.lrn,
                            model.norm2_before_pool2, lrn_op)
     ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf_logits))
@@ -148,7 +150,7 @@ def test_network_gradients_match_tf_in_float64(tf, recipe):
   np.testing.assert_allclose(tf_lrn_formula(tf, tf.constant(x), **lrn).numpy(),
                              tf.nn.lrn(x, **lrn).numpy(), rtol=1e-6, atol=1e-7)
   (loss, logits, grads), (tf_loss, tf_logits, tf_grads) = network_beside_tf(
-      tf, recipe, np.float64, lambda x, **lrn: tf_lrn_formula(tf, x, **lrn))
+      tf, recipe, np.float64)
   np.testing.assert_allclose(logits, tf_logits, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(loss, tf_loss, rtol=1e-10)
   assert_gradients_close(grads, tf_grads, 1e-10)
