@@ -8,6 +8,7 @@ splits as an arrays file (--out) to train from without TensorFlow. Bad input end
 status 2; SIGTERM/SIGINT checkpoint and exit 0.
 """
 import os
+import re
 import sys
 
 from cnnjax import cpu
@@ -75,9 +76,15 @@ def parse_flags(argv):
 
 def _flag_error(argv, e):
   if isinstance(e, (KeyError, AttributeError)):
-    # ml_collections reports an override of a field the config lacks this way.
-    return (f'unknown config field {_override_named(argv, str(e).strip(chr(34) + chr(39)))!r} '
-            f'(fields: cnnjax/config.py and the config file)')
+    # ml_collections reports an override of a field the config lacks this way: a KeyError
+    # (inside an AttributeError) of "'key'", then a line 'Did you mean "near" ...' if any.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    key, _, hint = str(e.args[0] if e.args else e).partition('\n')
+    near = re.search(r'Did you mean "([^"]+)"', hint)
+    return (f'unknown config field {_override_named(argv, key.strip(chr(34) + chr(39)))!r} '
+            + (f'(did you mean {near.group(1)!r}?; ' if near else '(')
+            + 'fields: cnnjax/config.py and the config file)')
   if isinstance(e, (flags.Error, ValueError, TypeError)):
     return _first_line(e)
   return f'cannot load the config: {type(e).__name__}: {_first_line(e)}'  # e.g. a SyntaxError

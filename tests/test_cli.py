@@ -40,7 +40,11 @@ def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--config.no_such_field=1'], "unknown config field 'config.no_such_field'"),
+    (['--config.no_such_field=1'], "unknown config field 'config.no_such_field' (fields:"),
+    (['--config.batchsize=3'], "unknown config field 'config.batchsize' (did you mean "
+                               "'batch_size'?;"),
+    (['--config.augment.flipp=0'], "unknown config field 'config.augment.flipp' (did you "
+                                   "mean 'flip'?;"),
     (['--config.dataset=cifar11'], "unknown dataset 'cifar11'"),
     (['--config.model=resnet9000'], "bad config: model='resnet9000'"),
     (['--config.optimizer=adamw'], "bad config: optimizer='adamw' is not one of sgd, momentum"),
