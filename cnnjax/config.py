@@ -167,8 +167,12 @@ def validate(c, data=None, mesh=None, layers=None):
   for field in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
                 'steps_per_dispatch'):
     need(c[field] > 0, f'{field} must be positive, got {c[field]}')
-  for field in ('num_train_steps', 'eval_every', 'checkpoint_every', 'input_shards'):
+  for field in ('seed', 'num_train_steps', 'eval_every', 'checkpoint_every', 'input_shards'):
     need(c[field] >= 0, f'{field} must be >= 0, got {c[field]}')
+  b = c.bench
+  need(b.steps > 0, f'bench.steps must be positive, got {b.steps}')
+  for field in ('burn_in', 'batch_size', 'image_size', 'channels', 'num_classes'):
+    need(b[field] >= 0, f'bench.{field} must be >= 0 (0: from the config), got {b[field]}')
   need(c.learning_rate > 0, f'learning_rate must be positive, got {c.learning_rate}')
   need(c.optimizer in optim.OPTIMIZERS,
        f'optimizer={c.optimizer!r} is not one of {", ".join(optim.OPTIMIZERS)}')
@@ -205,10 +209,15 @@ def validate(c, data=None, mesh=None, layers=None):
   need(a.scale != 'normalize' or (len(a.mean) == len(a.std) > 0 and min(a.std) > 0),
        f'augment.scale=normalize needs a mean and a positive std per channel, got '
        f'mean={a.mean}, std={a.std}')
+  need(a.crop_size >= 0, f'augment.crop_size must be >= 0 (0: no crop), got {a.crop_size}')
   need(a.translate >= 0, f'augment.translate must be >= 0, got {a.translate}')
+  need(len(a.contrast) in (0, 2), f'augment.contrast must be (lower, upper) or (), got '
+       f'{a.contrast}')
+  # tf.image.random_brightness and random_contrast reject what these two reject.
+  need(a.brightness >= 0, f'augment.brightness must be >= 0, got {a.brightness}')
+  need(len(a.contrast) != 2 or 0 <= a.contrast[0] < a.contrast[1],
+       f'augment.contrast must be (lower, upper) with 0 <= lower < upper, got {a.contrast}')
   need(a.tta in (0, 1, 2), f'augment.tta must be 0, 1 or 2, got {a.tta}')
-  need(len(c.augment.contrast) in (0, 2),
-       f'augment.contrast must be (lower, upper) or (), got {c.augment.contrast}')
   if c.schedule == 'exponential_decay':
     need(c.decay_steps > 0 or c.decay_epochs > 0,
          'exponential_decay needs decay_steps > 0 or decay_epochs > 0')

@@ -2,9 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cnnjax import augment
-from cnnjax.config import base_config
+from cnnjax.config import base_config, validate
+from cnnjax.errors import UserError
 
 
 def images(n=16, size=32, seed=0):
@@ -65,6 +67,28 @@ def test_random_contrast_scales_deviation_from_channel_mean():
                              rtol=1e-4, atol=1e-3)
   assert np.all((factor >= 0.2 - 1e-4) & (factor <= 1.8 + 1e-4))
   assert factor.std() > 0.2
+
+
+@pytest.mark.parametrize('brightness,contrast', [
+    (-1.0, (0.2, 1.8)), (63.0, (1.8, 0.2)), (63.0, (1.0, 1.0)), (63.0, (-0.5, 1.0)),
+    (0.0, (0.0, 0.5))])
+def test_brightness_and_contrast_ranges_are_refused_where_tf_refuses_them(
+    tf, brightness, contrast):
+  x = images(n=2).astype(np.float32)
+  try:
+    tf.image.random_contrast(tf.image.random_brightness(x, brightness), *contrast)
+    tf_refuses = False
+  except ValueError:
+    tf_refuses = True
+  config = base_config()
+  config.augment.brightness, config.augment.contrast = brightness, contrast
+  try:
+    validate(config)
+    refused = False
+  except UserError as e:
+    assert str(e).startswith('bad config: augment.')
+    refused = True
+  assert refused == tf_refuses
 
 
 def test_train_preprocess_shape_determinism_and_variation():

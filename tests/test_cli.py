@@ -47,6 +47,9 @@ def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
                                    "mean 'flip'?;"),
     (['--config.dataset=cifar11'], "unknown dataset 'cifar11'"),
     (['--config.model=resnet9000'], "bad config: model='resnet9000'"),
+    (['--config.seed=-1'], 'bad config: seed must be >= 0, got -1'),
+    (['--config.augment.crop_size=-3'], 'bad config: augment.crop_size must be >= 0'),
+    (['--config.bench.steps=0'], 'bad config: bench.steps must be positive, got 0'),
     (['--config.optimizer=adamw'], "bad config: optimizer='adamw' is not one of sgd, momentum"),
     (['--config.schedule=cosine'], "bad config: schedule='cosine' is not one of constant"),
     (['--config.input_shards=3'], 'bad config: input_shards=3 must be a multiple of the 1 '
