@@ -127,6 +127,10 @@ def train_and_evaluate(config, workdir):
       log(f'resumed from the checkpoint at step {start}')
       for notice in changed_order:
         log(f'resumed with {notice}')
+      if start >= config.num_train_steps:
+        log(f'nothing to train: the checkpoint at step {start} is at or past num_train_steps='
+            f'{config.num_train_steps}; evaluating it (a larger --config.num_train_steps '
+            f'trains on)')
     workdir_lib.write_config(config, workdir)
     reporter = Reporter(workdir, start or 0, config.num_train_steps, config.progress)
     try:

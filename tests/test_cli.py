@@ -37,6 +37,15 @@ def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
   assert 'resumed from the checkpoint at step 5' in second.stdout
   assert re.findall(r'^step (\d+), loss', second.stdout, re.M) == ['6']
   assert re.search(r'^step 7: precision @ 1', second.stdout, re.M)
+  assert 'nothing to train' not in second.stdout
+
+  # A finished run asked for fewer steps than it has: it says so and evaluates, training none.
+  third = run('--workdir', workdir, '--config.num_train_steps=3', *SMALL)
+  assert third.returncode == 0, third.stderr
+  assert ('nothing to train: the checkpoint at step 7 is at or past num_train_steps=3'
+          in third.stdout)
+  assert not re.search(r'^step \d+, loss', third.stdout, re.M)
+  assert re.search(r'^step 7: precision @ 1', third.stdout, re.M)
 
 
 @pytest.mark.parametrize('args,message', [
