@@ -171,12 +171,21 @@ def export(config, out):
     fail('--mode=export needs --config and --out FILE.npz')
   if not out.endswith(data.ARRAYS_SUFFIX):
     fail(f'--out must end in {data.ARRAYS_SUFFIX}, got {out!r}')
+  folder = os.path.dirname(os.path.abspath(out))
+  try:  # made first, as a workdir is: a bad path fails before the data is read
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    fail(f'cannot write --out {out!r}: ' + (f'{folder} is a file' if os.path.isfile(folder)
+                                             else e.strerror or str(e)))
   source = data.info(config.dataset, config.data_dir, config.download)
   splits = {split.split('[')[0]: split for split in (config.train_split, config.eval_split)}
   if len(splits) < 2:
     fail(f'train_split and eval_split are both of {next(iter(splits))!r}: nothing would tell '
          'them apart in the file')
-  counts = data.export(source, splits, out)
+  try:
+    counts = data.export(source, splits, out)
+  except OSError as e:  # a full disk, say
+    fail(f'cannot write --out {out!r}: {e.strerror or e}')
   print(f'wrote {out}: ' + ', '.join(f'{name} = {splits[name]} ({n:,} examples)'
                                     for name, n in counts.items()) +
         f'; train from it with --config.dataset={out}')

@@ -175,8 +175,12 @@ def export(source, splits, path):
     part = source.load(split)
     arrays[f'{name}/images'], arrays[f'{name}/labels'] = part.images, part.labels
   tmp = f'{path}.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  finally:  # a failed write leaves no partial file behind
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return {name: len(arrays[f'{name}/labels']) for name in splits}
 
 

@@ -22,7 +22,7 @@ runpy.run_path('run.py', run_name='__main__')
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
-  path = tmp_path_factory.mktemp('arrays') / 'cifar10_part.npz'
+  path = tmp_path_factory.mktemp('arrays') / 'made' / 'cifar10_part.npz'  # a new folder
   result = run_py('--mode=export', '--out', str(path), '--config.train_split=train[:400]',
                   '--config.eval_split=test[:150]')
   assert result.returncode == 0, result.stderr
@@ -72,6 +72,10 @@ def test_bad_arrays_input_is_one_line(exported, tmp_path):
   result = run_py('--mode=export', '--out', str(tmp_path / 'x.zip'))
   assert result.returncode == 2 and result.stderr.strip() == \
       f"error: --out must end in .npz, got '{tmp_path / 'x.zip'}'"
+  under_a_file = tmp_path / 'other.npz' / 'x.npz'
+  result = run_py('--mode=export', '--out', str(under_a_file))
+  assert result.returncode == 2 and result.stderr.strip() == \
+      f"error: cannot write --out '{under_a_file}': {tmp_path / 'other.npz'} is a file"
 
 
 def test_trains_and_evaluates_from_an_arrays_file_without_tensorflow(exported, tmp_path):
