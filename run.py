@@ -75,6 +75,8 @@ def parse_flags(argv):
 
 
 def _flag_error(argv, e):
+  if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
+    return f'config file {_flag_value(argv, "config")!r} defines no get_config()'
   if isinstance(e, (KeyError, AttributeError)):
     # ml_collections reports an override of a field the config lacks this way: a KeyError
     # (inside an AttributeError) of "'key'", then a line 'Did you mean "near" ...' if any.
@@ -94,20 +96,25 @@ def _join_to_fail(argv):
   """A process of a multi-process run whose flags do not parse joins the run before it
   fails (see fail()), so the others are ended within HEARTBEAT_TIMEOUT_S instead of
   waiting in jax.distributed.initialize for the process that never comes (300 s)."""
-  values, args = {}, list(argv)
-  for i, arg in enumerate(args):
-    for name in ('coordinator_address', 'num_processes', 'process_id'):
-      if arg.startswith(f'--{name}='):
-        values[name] = arg.split('=', 1)[1]
-      elif arg == f'--{name}' and i + 1 < len(args):
-        values[name] = args[i + 1]
-  if len(values) < 3:
+  values = {name: _flag_value(argv, name)
+            for name in ('coordinator_address', 'num_processes', 'process_id')}
+  if None in values.values():
     return
   try:
     _join(values['coordinator_address'], int(values['num_processes']),
           int(values['process_id']), initialization_timeout=60)
   except Exception:  # noqa: BLE001  (no run to join: fail alone)
     pass
+
+
+def _flag_value(argv, name):
+  """The value of --name=V or --name V in argv (flags not parsed yet), else None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _override_named(argv, leaf):

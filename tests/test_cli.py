@@ -148,6 +148,13 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
   assert missing.stderr.strip() == (
       "error: cannot load config file 'configs/nope.py': "
       "[Errno 2] No such file or directory: 'configs/nope.py'")
+  no_get_config = tmp_path / 'recipe.py'
+  no_get_config.write_text('batch_size = 128\n')
+  for given in (['--config', str(no_get_config)], [f'--config={no_get_config}']):
+    result = subprocess.run([sys.executable, 'run.py', *given, '--workdir', str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: config file '{no_get_config}' defines no get_config()"
   blocker = tmp_path / 'file'
   blocker.write_text('')
   unwritable = run('--workdir', str(blocker / 'sub'))
