@@ -28,6 +28,13 @@ class Split:
     return len(self.labels)
 
 
+def _not_empty(n, split, name):
+  """n, the size of `split`, where it holds examples (TFDS's metadata gives test[5:3] -2)."""
+  if n <= 0:
+    raise UserError(f'bad split {split!r} for {name}: it holds no examples')
+  return n
+
+
 def _builder(name, data_dir):
   import tensorflow_datasets as tfds
   try:
@@ -84,13 +91,15 @@ class TfdsSource:
   def num_examples(self, split):
     """The size of `split` (slices too) from TFDS's metadata, without reading it."""
     try:
-      return self.builder.info.splits[split].num_examples
+      n = self.builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
       raise UserError(f'bad split {split!r} for {self.name}: {e}') from None
+    return _not_empty(n, split, self.name)
 
   def load(self, split, limit=None):
     """The whole `split` (its first `limit` examples) as uint8 arrays in memory."""
     import tensorflow as tf
+    self.num_examples(split)  # a bad or empty split's one-line error, before tf.data's
     try:
       ds = self.builder.as_dataset(split=split, shuffle_files=False)
     except ValueError as e:
@@ -152,9 +161,10 @@ class ArraysSource:
 
   def num_examples(self, split):
     _, start, stop = self._range(split)
-    return stop - start
+    return _not_empty(stop - start, split, self.name)
 
   def load(self, split, limit=None):
+    self.num_examples(split)  # as TFDS: an empty split is an error
     name, start, stop = self._range(split)
     if limit is not None:
       stop = min(stop, start + limit)

@@ -66,6 +66,9 @@ def test_bad_arrays_input_is_one_line(exported, tmp_path):
   arrays = data.info(str(exported))
   with pytest.raises(UserError, match=r"bad split 'validation' .* its splits are test, train"):
     arrays.num_examples('validation')
+  for empty in ('test[5:3]', 'test[:0]'):
+    with pytest.raises(UserError, match=rf"bad split '{re.escape(empty)}' .* holds no examples"):
+      arrays.load(empty)
   (tmp_path / 'other.npz').write_bytes(b'not an npz')
   with pytest.raises(UserError, match='cannot read the arrays file'):
     data.info(str(tmp_path / 'other.npz'))
