@@ -164,8 +164,8 @@ class ArraysSource:
     return _not_empty(stop - start, split, self.name)
 
   def load(self, split, limit=None):
-    self.num_examples(split)  # as TFDS: an empty split is an error
     name, start, stop = self._range(split)
+    _not_empty(stop - start, split, self.name)  # as TFDS: an empty split is an error
     if limit is not None:
       stop = min(stop, start + limit)
     whole = self.splits[name]
