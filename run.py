@@ -173,17 +173,13 @@ def init_distributed():
 
 def export(config, out):
   """The config's train and eval splits, under their split names, as an arrays file."""
-  from cnnjax import data
+  from cnnjax import data, workdir as workdir_lib
   if config is None or not out:
     fail('--mode=export needs --config and --out FILE.npz')
   if not out.endswith(data.ARRAYS_SUFFIX):
     fail(f'--out must end in {data.ARRAYS_SUFFIX}, got {out!r}')
-  folder = os.path.dirname(os.path.abspath(out))
-  try:  # made first, as a workdir is: a bad path fails before the data is read
-    os.makedirs(folder, exist_ok=True)
-  except OSError as e:
-    fail(f'cannot write --out {out!r}: ' + (f'{folder} is a file' if os.path.isfile(folder)
-                                             else e.strerror or str(e)))
+  # Made and probed first, as a workdir is: a bad path fails before the data is read.
+  workdir_lib.make_writable(os.path.dirname(os.path.abspath(out)), f'--out {out!r}')
   source = data.info(config.dataset, config.data_dir, config.download)
   splits = {split.split('[')[0]: split for split in (config.train_split, config.eval_split)}
   if len(splits) < 2:

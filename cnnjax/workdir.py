@@ -17,16 +17,31 @@ def checkpoints_dir(workdir):
   return os.path.join(workdir, CHECKPOINTS)
 
 
-def prepare(workdir):
+def make_writable(folder, what):
+  """Makes folder (and its parents) and proves this process can write in it, so that a bad
+  path fails before any work; else one UserError: '<what> is not writable: <why>'."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     # A probe of this process's own: processes sharing the workdir start at the same instant.
-    probe = os.path.join(workdir, f'.write-test-{jax.process_index()}-{os.getpid()}')
+    probe = os.path.join(folder, f'.write-test-{jax.process_index()}-{os.getpid()}')
     with open(probe, 'w'):
       pass
     os.remove(probe)
   except OSError as e:
-    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
+    raise UserError(f'{what} is not writable: {_blocking_file(folder) or e.strerror or e}') \
+        from None
+
+
+def _blocking_file(folder):
+  """'<path> is a file' for the file where folder's path needs a directory, else None."""
+  path = os.path.abspath(folder)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return f'{path} is a file' if os.path.isfile(path) else None
+
+
+def prepare(workdir):
+  make_writable(workdir, f'workdir {workdir!r}')
 
 
 # What fixes the shapes of the train state: resuming with another value fails.

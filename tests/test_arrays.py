@@ -78,7 +78,7 @@ def test_bad_arrays_input_is_one_line(exported, tmp_path):
   under_a_file = tmp_path / 'other.npz' / 'x.npz'
   result = run_py('--mode=export', '--out', str(under_a_file))
   assert result.returncode == 2 and result.stderr.strip() == \
-      f"error: cannot write --out '{under_a_file}': {tmp_path / 'other.npz'} is a file"
+      f"error: --out '{under_a_file}' is not writable: {tmp_path / 'other.npz'} is a file"
 
 
 def test_trains_and_evaluates_from_an_arrays_file_without_tensorflow(exported, tmp_path):
