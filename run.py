@@ -1,6 +1,7 @@
 """cnnjax command line: python run.py --config configs/cifar_lrn.py --workdir DIR.
 
-Every config field can be overridden (--config.batch_size=256). Re-running with
+Every config field can be overridden (--config.batch_size=256; in eval and predict modes
+without --config, on the run's saved config.json). Re-running with
 the same --workdir resumes from its latest checkpoint; --mode=eval evaluates a
 checkpoint without training, --mode=predict classifies image files, --mode=plot
 draws the run's curves, --mode=bench times the model, --mode=export writes the config's
@@ -66,12 +67,43 @@ def fail(message):
   sys.exit(2)
 
 
+# The modes whose config defaults to the workdir's config.json (--config replaces it).
+SAVED_CONFIG_MODES = ('eval', 'predict')
+
+
 def parse_flags(argv):
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(_with_saved_config(argv))
   except Exception as e:
     _join_to_fail(argv)  # in a multi-process run, so that the others end too
     fail(_flag_error(argv, e))
+
+
+def _with_saved_config(argv):
+  """argv, with --config=cnnjax/saved_config.py:WORKDIR added where a mode that reads the
+  workdir's config.json gets --config.* overrides and no --config: they apply to it.
+  Elsewhere such overrides without --config are a flags.Error naming what is missing."""
+  if not any(arg.startswith('--config.') for arg in argv) or _flag_value(argv, 'config'):
+    return argv
+  mode = _flag_value(argv, 'mode') or 'train'
+  if mode not in MODES:
+    raise flags.Error(_unknown_mode(mode))
+  if mode not in SAVED_CONFIG_MODES:
+    if mode in MODE_FLAGS['config']:
+      raise flags.Error('--config.* overrides need --config (e.g. --config configs/cifar_lrn.py)')
+    raise flags.Error(f'--config.* does nothing with --mode={mode}')
+  workdir = _flag_value(argv, 'workdir')
+  if workdir is None:
+    raise flags.Error('--workdir is required')
+  from cnnjax import saved_config, workdir as workdir_lib
+  if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    raise flags.Error(f'no {workdir_lib.CONFIG_FILE} in {workdir} for the --config.* '
+                      'overrides: pass --config, or train there first')
+  return [argv[0], f'--config={saved_config.__file__}:{workdir}', *argv[1:]]
+
+
+def _unknown_mode(mode):
+  return f'unknown mode {mode!r} (modes: {", ".join(MODES)})'
 
 
 def _flag_error(argv, e):
@@ -203,7 +235,7 @@ MODE_FLAGS = {'step': ('eval',), 'images': ('predict',), 'top_k': ('predict',),
 def main(argv):
   mode = _MODE.value
   if mode not in MODES:
-    fail(f'unknown mode {mode!r} (modes: {", ".join(MODES)})')
+    fail(_unknown_mode(mode))
   for name, modes in MODE_FLAGS.items():
     if flags.FLAGS[name].present and mode not in modes:
       fail(f'--{name} does nothing with --mode={mode} (it is for --mode='

@@ -149,6 +149,18 @@ def test_predict_gives_the_eval_steps_classes(trained, tmp_path):
   for path, line, top in zip(paths, lines, tops):
     assert line.startswith(f'{path}: {top[0][0]} ')
 
+  # --config.* without --config apply to config.json: test-time augmentation, here.
+  config = workdir_lib.load_saved_config(str(workdir))
+  config.augment.tta = 1
+  mirrored = predict.predict(str(workdir), paths[:2], k=3, config=config)
+  shown = lambda top: ', '.join(f'{name} {p:.1%}' for name, p in top)
+  assert [shown(t) for t in mirrored] != [shown(t) for t in tops[:2]]  # tta=1 changes them
+  result = run('--mode=predict', '--workdir', str(workdir), '--images', *paths[:2],
+               '--config.augment.tta=1', config=None)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().splitlines()[-2:] == [
+      f'{path}: {shown(top)}' for path, top in zip(paths, mirrored)]
+
 
 def test_predict_converts_grayscale_and_resizes(trained, tmp_path):
   gray = tmp_path / 'big-gray.jpg'
@@ -212,7 +224,7 @@ def test_progress_setting_chooses_bar_or_lines_whatever_the_stream(progress, str
   assert len(re.findall(r'^step \d, loss = 2\.50 ', text, re.M)) == (0 if bar else 4), text
 
 
-def test_eval_mode_takes_a_step_and_a_config(trained):
+def test_eval_mode_takes_a_step_a_config_and_overrides_of_the_saved_one(trained):
   workdir, _ = trained
   _, _, records = history(workdir)
   evals = {r['step']: r for r in records if r['kind'] == 'eval'}
@@ -230,6 +242,13 @@ def test_eval_mode_takes_a_step_and_a_config(trained):
   other = run('--mode=eval', '--workdir', str(workdir), *as_flags(dict(SMALL, eval_split='test[:40]')))
   assert other.returncode == 0, other.stderr
   assert re.search(r'^step 6: precision @ 1 = \S+ \(\d+/40\)', other.stdout, re.M), other.stdout
+  # --config.* without --config apply to config.json: the run's train split, this eval split.
+  overridden = run('--mode=eval', '--workdir', str(workdir), '--config.eval_split=test[:30]',
+                   config=None)
+  assert overridden.returncode == 0, overridden.stderr
+  assert re.search(rf'^data: cifar10 {re.escape(SMALL["train_split"])}=\S+ examples, '
+                   r'test\[:30\]=30 examples', overridden.stdout, re.M), overridden.stdout
+  assert re.search(r'^step 6: precision @ 1 = \S+ \(\d+/30\)', overridden.stdout, re.M)
   missing = run('--mode=eval', '--workdir', str(workdir), '--step', '5', config=None)
   assert missing.returncode == 2 and 'no checkpoint at step 5' in missing.stderr
   assert 'available: 4, 6' in missing.stderr
