@@ -34,16 +34,14 @@ sys.path.insert(0, str(ROOT))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
 
-from cnnjax import augment, cpu, data, models, state as state_lib, train  # noqa: E402
+from cnnjax import augment, cpu, data, models, parallel, state as state_lib, train  # noqa: E402
 from tests.conftest import recipe_config  # noqa: E402
 from tests.test_parallel import VGG, relative_error  # noqa: E402
 
 
 def mesh_of(devices):
-  return jax.make_mesh((devices,), ('batch',), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:devices])
+  return parallel.make_mesh(jax.devices()[:devices])
 
 
 def relu_inputs(config, spec, batch, devices):

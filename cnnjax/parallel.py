@@ -15,10 +15,12 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from cnnjax.errors import UserError
 
 
-def make_mesh():
-  """A 1-D mesh over every device of every process, axis 'batch'. It is not set for the
-  process: each jitted function that needs it carries it (scoped)."""
-  return jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(AxisType.Auto,))
+def make_mesh(devices=None):
+  """A 1-D mesh over every device of every process (or over `devices`), axis 'batch'. It
+  is not set for the process: each jitted function that needs it carries it (scoped)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ('batch',), axis_types=(AxisType.Auto,),
+                       devices=devices)
 
 
 def process_count(mesh):
