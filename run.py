@@ -13,6 +13,7 @@ import re
 import sys
 
 from cnnjax import cpu
+from cnnjax.errors import UserError
 
 # --isa caps oneDNN's and XLA's instruction set before either is loaded (cnnjax/cpu.py).
 cpu.cap_isa_from_argv(sys.argv)
@@ -81,25 +82,25 @@ def parse_flags(argv):
 
 def _with_saved_config(argv):
   """argv, with --config=cnnjax/saved_config.py:WORKDIR added where a mode that reads the
-  workdir's config.json gets --config.* overrides and no --config: they apply to it.
-  Elsewhere such overrides without --config are a flags.Error naming what is missing."""
-  if not any(arg.startswith('--config.') for arg in argv) or _flag_value(argv, 'config'):
+  workdir's config.json gets no --config: so its --config.* overrides apply to it, and
+  that config is loaded in one place. Elsewhere --config.* overrides without --config
+  are a flags.Error naming what is missing."""
+  if _flag_value(argv, 'config'):
     return argv
   mode = _flag_value(argv, 'mode') or 'train'
+  if mode in SAVED_CONFIG_MODES:
+    workdir = _flag_value(argv, 'workdir')
+    if not workdir:
+      raise flags.Error('--workdir is required')
+    from cnnjax import saved_config  # its get_config: the config.json, or a UserError
+    return [argv[0], f'--config={saved_config.__file__}:{workdir}', *argv[1:]]
+  if not any(arg.startswith('--config.') for arg in argv):
+    return argv  # main() says what else is missing (an unknown mode, --config)
   if mode not in MODES:
     raise flags.Error(_unknown_mode(mode))
-  if mode not in SAVED_CONFIG_MODES:
-    if mode in MODE_FLAGS['config']:
-      raise flags.Error('--config.* overrides need --config (e.g. --config configs/cifar_lrn.py)')
-    raise flags.Error(f'--config.* does nothing with --mode={mode}')
-  workdir = _flag_value(argv, 'workdir')
-  if workdir is None:
-    raise flags.Error('--workdir is required')
-  from cnnjax import saved_config, workdir as workdir_lib
-  if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
-    raise flags.Error(f'no {workdir_lib.CONFIG_FILE} in {workdir} for the --config.* '
-                      'overrides: pass --config, or train there first')
-  return [argv[0], f'--config={saved_config.__file__}:{workdir}', *argv[1:]]
+  if mode in MODE_FLAGS['config']:
+    raise flags.Error('--config.* overrides need --config (e.g. --config configs/cifar_lrn.py)')
+  raise flags.Error(f'--config.* does nothing with --mode={mode}')
 
 
 def _unknown_mode(mode):
@@ -119,7 +120,7 @@ def _flag_error(argv, e):
     return (f'unknown config field {_override_named(argv, key.strip(chr(34) + chr(39)))!r} '
             + (f'(did you mean {near.group(1)!r}?; ' if near else '(')
             + 'fields: cnnjax/config.py and the config file)')
-  if isinstance(e, (flags.Error, ValueError, TypeError)):
+  if isinstance(e, (flags.Error, UserError, ValueError, TypeError)):
     return _first_line(e)
   return f'cannot load the config: {type(e).__name__}: {_first_line(e)}'  # e.g. a SyntaxError
 
@@ -247,8 +248,7 @@ def main(argv):
     fail('--workdir is required')
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()
   init_distributed()
-  from cnnjax import loop, workdir as workdir_lib
-  from cnnjax.errors import UserError
+  from cnnjax import loop
   try:
     if mode == 'bench':
       if _CONFIG.value is None:
@@ -265,15 +265,11 @@ def main(argv):
       from cnnjax import plots
       for path in plots.write(_WORKDIR.value):
         print(f'wrote {path}')
-    elif mode == 'predict':
+    elif mode == 'predict':  # config: --config's, else the workdir's (_with_saved_config)
       from cnnjax import predict
-      config = load_config() if _CONFIG.value is not None else None
-      predict.run(_WORKDIR.value, _IMAGES.value + extra, _TOP_K.value, config)
+      predict.run(_WORKDIR.value, _IMAGES.value + extra, _TOP_K.value, load_config())
     else:
-      config = load_config() if _CONFIG.value is not None else workdir_lib.load_saved_config(_WORKDIR.value)
-      if config is None:
-        fail(f'no config.json in {_WORKDIR.value}: pass --config, or train there first')
-      loop.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+      loop.evaluate_checkpoint(load_config(), _WORKDIR.value, _STEP.value)
   except UserError as e:
     fail(str(e))
 

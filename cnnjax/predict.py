@@ -37,9 +37,7 @@ class Predictor:
   """A run's latest checkpoint, ready to classify uint8 images."""
 
   def __init__(self, workdir, config=None):
-    config = config or workdir_lib.load_saved_config(workdir)
-    if config is None:
-      raise UserError(f'no config.json in {workdir}: train there first, or pass --config')
+    config = config or workdir_lib.require_saved_config(workdir)
     self.source = data.info(config.dataset, config.data_dir, config.download)
     shape = self.source.image_shape
     self.size, self.channels = tuple(shape[:2]), shape[2]

@@ -1,13 +1,10 @@
 """A config file for --config that is a workdir's saved config.json: `--config
 cnnjax/saved_config.py:WORKDIR`. run.py passes it itself when --mode=eval or predict get
---config.* overrides and no --config, so that they apply to the config the run was
-trained with.
+no --config, so that they (and their --config.* overrides) take the config the run was
+trained with, and a workdir without one is said in one place.
 """
 from cnnjax import workdir as workdir_lib
 
 
 def get_config(workdir):
-  config = workdir_lib.load_saved_config(workdir)
-  if config is None:
-    raise FileNotFoundError(f'no {workdir_lib.CONFIG_FILE} in {workdir}')
-  return config
+  return workdir_lib.require_saved_config(workdir)

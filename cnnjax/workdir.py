@@ -71,6 +71,14 @@ def load_saved_config(workdir):
   return config
 
 
+def require_saved_config(workdir):
+  """load_saved_config, or one UserError where workdir has no config.json."""
+  config = load_saved_config(workdir)
+  if config is None:
+    raise UserError(f'no {CONFIG_FILE} in {workdir}: pass --config, or train there first')
+  return config
+
+
 # What fixes which examples each step trains on: resuming with another value is allowed,
 # and said, since the run is then no longer the uninterrupted one.
 ORDER_FIELDS = ('seed', 'train_split', 'batch_size', 'input_shards')

@@ -100,14 +100,14 @@ def test_a_flag_that_would_do_nothing_in_the_mode_is_one_line(tmp_path, args, me
      "unknown mode 'evaluate' (modes: train, eval, predict, plot, bench, export)"),
     (['--mode=eval', '--config.eval_split=test[:8]'], '--workdir is required'),
     (['--mode=eval', '--workdir', 'W', '--config.eval_split=test[:8]'],
-     'no config.json in W for the --config.* overrides: pass --config, or train there first'),
+     'no config.json in {w}: pass --config, or train there first'),
 ])
 def test_overrides_without_config_are_one_line_where_no_saved_config_takes_them(
     tmp_path, args, message):
   workdir = str(tmp_path / 'run')
   result = run_py(*[workdir if a == 'W' else a for a in args], config=None)
   assert result.returncode == 2
-  assert result.stderr.strip() == 'error: ' + message.replace(' W ', f' {workdir} ')
+  assert result.stderr.strip() == 'error: ' + message.format(w=workdir)
 
 
 def test_missing_offline_data_names_tfds_data_dir(tmp_path):

@@ -287,10 +287,12 @@ def test_bench_mode_prints_the_seeds_summary():
     (['--mode=fly'], "error: unknown mode 'fly' (modes: train, eval, predict, plot, bench, export)"),
     (['--mode=plot'], 'error: no metrics in {w}/metrics.jsonl: train there first'),
     (['--mode=predict', '--images', 'a.png'],
-     'error: no config.json in {w}: train there first, or pass --config'),
+     'error: no config.json in {w}: pass --config, or train there first'),
     (['--mode=predict', '--images', 'a.png', '--config', 'configs/cifar_lrn.py'],
      'error: no checkpoints in {w}: train first, or point --workdir at a run'),
-    (['--mode=predict'], 'error: --mode=predict needs image files: --images a.png b.jpg ...'),
+    # (a config that loads: without --config, a workdir without config.json is said first)
+    (['--mode=predict', '--config', 'configs/cifar_lrn.py'],
+     'error: --mode=predict needs image files: --images a.png b.jpg ...'),
 ])
 def test_usage_errors_are_one_line(tmp_path, args, message):
   result = run('--workdir', str(tmp_path), *args, config=None)
