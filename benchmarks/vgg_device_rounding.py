@@ -50,11 +50,11 @@ def relu_inputs(config, spec, batch, devices):
   run = state_lib.build(config, spec, mesh_of(devices))
 
   def forward(state, batch):
-    key = jax.random.fold_in(state.rng, state.step)
+    key, dropout_key = train.step_keys(state)
     images = augment.preprocess(key, batch['image'], config.augment.lock(), train=True)
     _, captured = state.apply_fn(
         {'params': state.params, 'batch_stats': state.batch_stats}, images, train=True,
-        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats', 'intermediates'],
+        rngs={'dropout': dropout_key}, mutable=['batch_stats', 'intermediates'],
         capture_intermediates=lambda module, _: isinstance(module, nn.BatchNorm))
     return {name: out['__call__'][0] for name, out in captured['intermediates'].items()}
   return jax.device_get(run.jit(forward, out_shardings=run.replicated)(

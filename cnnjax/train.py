@@ -145,6 +145,13 @@ def lookahead_update(state: TrainState, every, decay, power, total_steps):
                        slow=pick(moved, state.slow))
 
 
+def step_keys(state: TrainState):
+  """The step's (augmentation key, dropout key): both from (rng, step), so a resumed or
+  re-dispatched step draws exactly what the uninterrupted run drew, and apart."""
+  key = jax.random.fold_in(state.rng, state.step)
+  return key, jax.random.fold_in(key, 1)
+
+
 def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_loss_terms,
                weight_loss_on='kernels', ema_decay=0.0, learning_rate_fn=None,
                label_smoothing=0.0, lookahead=None, steps_per_epoch=None, frozen=()):
@@ -157,12 +164,11 @@ def train_step(state: TrainState, batch: dict[str, Any], *, augment_cfg, weight_
   flip, from the batch's 'index' of each example in the split). frozen: the parameters
   never trained, left out of the weight loss.
   """
-  key = jax.random.fold_in(state.rng, state.step)
+  key, dropout_key = step_keys(state)
   examples = None
   if steps_per_epoch and 'index' in batch:
     examples = (state.rng, batch['index'], state.step // steps_per_epoch)
   images = augment.preprocess(key, batch['image'], augment_cfg, train=True, examples=examples)
-  dropout_key = jax.random.fold_in(key, 1)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (ce, _, batch_stats)), grads = grad_fn(
       state.params, state, images, batch['label'], weight_loss_terms, weight_loss_on, dropout_key,
