@@ -80,12 +80,15 @@ def parse_flags(argv):
     fail(_flag_error(argv, e))
 
 
+HELP_FLAGS = {'-?', '--help', '--helpshort', '--helpfull', '--helpxml'}  # absl's
+
+
 def _with_saved_config(argv):
   """argv, with --config=cnnjax/saved_config.py:WORKDIR added where a mode that reads the
   workdir's config.json gets no --config: so its --config.* overrides apply to it, and
   that config is loaded in one place. Elsewhere --config.* overrides without --config
   are a flags.Error naming what is missing."""
-  if _flag_value(argv, 'config'):
+  if _flag_value(argv, 'config') or HELP_FLAGS.intersection(argv):
     return argv
   mode = _flag_value(argv, 'mode') or 'train'
   if mode in SAVED_CONFIG_MODES:

@@ -110,6 +110,14 @@ def test_overrides_without_config_are_one_line_where_no_saved_config_takes_them(
   assert result.stderr.strip() == 'error: ' + message.format(w=workdir)
 
 
+@pytest.mark.parametrize('mode', ['eval', 'predict'])
+def test_help_in_modes_that_read_the_workdirs_config_needs_no_workdir(mode):
+  result = run_py(f'--mode={mode}', '--help', config=None)
+  assert 'error' not in result.stderr
+  assert result.stdout.startswith('cnnjax command line:')
+  assert result.stdout == run_py('--help', config=None).stdout  # train mode's, absl's usage
+
+
 def test_missing_offline_data_names_tfds_data_dir(tmp_path):
   empty = tmp_path / 'no-data'
   empty.mkdir()
