@@ -25,7 +25,9 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe config file (configs/*.py).')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, "Recipe config file (configs/*.py); eval and predict modes default to "
+    "the workdir's config.json.")
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and outputs.')
 MODES = ['train', 'eval', 'predict', 'plot', 'bench', 'export']
 _MODE = flags.DEFINE_string('mode', 'train',
