@@ -67,7 +67,7 @@ def _recipe(workdir):
   try:
     with open(path) as f:
       recipe = json.load(f).get('recipe', '')
-  except (OSError, ValueError):
+  except (OSError, ValueError, AttributeError):  # unreadable, or not an object: no title line
     return ''
   return f'\n{recipe}' if recipe else ''
 

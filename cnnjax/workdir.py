@@ -62,12 +62,18 @@ def load_saved_config(workdir):
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    saved = json.load(f)
   # Onto today's defaults, so a workdir written before a field existed still loads.
   config = config_lib.base_config()
-  with config.unlocked():
-    config.update(saved)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f'a JSON {type(saved).__name__}, not an object')
+    with config.unlocked():
+      config.update(saved)
+  except (OSError, ValueError, TypeError) as e:  # a hand edit gone wrong, a field's type
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f'{path} is not a readable config: {reason}') from None
   return config
 
 

@@ -118,6 +118,24 @@ def test_help_in_modes_that_read_the_workdirs_config_needs_no_workdir(mode):
   assert result.stdout == run_py('--help', config=None).stdout  # train mode's, absl's usage
 
 
+@pytest.mark.parametrize('text,reason,modes', [
+    ('{"batch_size": 12', "Expecting ',' delimiter", ['train', 'eval', 'predict']),
+    ('[1, 2]', 'a JSON list, not an object', ['eval']),
+    ('{"batch_size": "x"}', "Could not override field 'batch_size'", ['eval']),
+])
+def test_a_hand_broken_config_json_is_one_line_and_left_as_it_is(tmp_path, text, reason, modes):
+  saved = tmp_path / 'config.json'
+  saved.write_text(text)
+  for mode in modes:
+    result = run_py(f'--mode={mode}', '--workdir', str(tmp_path),
+                    *(['--images', 'a.png'] if mode == 'predict' else []),
+                    config='configs/cifar_lrn.py' if mode == 'train' else None)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f'error: {saved} is not a readable config: {reason}')
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert saved.read_text() == text
+
+
 def test_missing_offline_data_names_tfds_data_dir(tmp_path):
   empty = tmp_path / 'no-data'
   empty.mkdir()
