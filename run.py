@@ -13,7 +13,7 @@ import re
 import sys
 
 from cnnjax import cpu
-from cnnjax.errors import UserError
+from cnnjax.errors import UserError, first_line
 
 # --isa caps oneDNN's and XLA's instruction set before either is loaded (cnnjax/cpu.py).
 cpu.cap_isa_from_argv(sys.argv)
@@ -126,8 +126,8 @@ def _flag_error(argv, e):
             + (f'(did you mean {near.group(1)!r}?; ' if near else '(')
             + 'fields: cnnjax/config.py and the config file)')
   if isinstance(e, (flags.Error, UserError, ValueError, TypeError)):
-    return _first_line(e)
-  return f'cannot load the config: {type(e).__name__}: {_first_line(e)}'  # e.g. a SyntaxError
+    return first_line(e)
+  return f'cannot load the config: {type(e).__name__}: {first_line(e)}'  # e.g. a SyntaxError
 
 
 def _join_to_fail(argv):
@@ -163,11 +163,6 @@ def _override_named(argv, leaf):
       if leaf in path.split('.'):
         return path
   return leaf
-
-
-def _first_line(e):
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_config():
@@ -206,7 +201,7 @@ def init_distributed():
     try:
       _join()
     except (ValueError, RuntimeError) as e:
-      fail(f'--distributed: {_first_line(e)}')
+      fail(f'--distributed: {first_line(e)}')
 
 
 def export(config, out):

@@ -7,7 +7,7 @@ import os
 import jax
 
 from cnnjax import config as config_lib
-from cnnjax.errors import UserError
+from cnnjax.errors import UserError, first_line
 
 CONFIG_FILE = 'config.json'
 CHECKPOINTS = 'checkpoints'
@@ -72,8 +72,7 @@ def load_saved_config(workdir):
     with config.unlocked():
       config.update(saved)
   except (OSError, ValueError, TypeError) as e:  # a hand edit gone wrong, a field's type
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f'{path} is not a readable config: {reason}') from None
+    raise UserError(f'{path} is not a readable config: {first_line(e)}') from None
   return config
 
 
