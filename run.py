@@ -125,9 +125,24 @@ def _flag_error(argv, e):
     return (f'unknown config field {_override_named(argv, key.strip(chr(34) + chr(39)))!r} '
             + (f'(did you mean {near.group(1)!r}?; ' if near else '(')
             + 'fields: cnnjax/config.py and the config file)')
+  raised = _raised_by_config_file(e)
+  if raised is not None:
+    return (f'cannot load config file {_flag_value(argv, "config")!r}: '
+            f'{type(raised).__name__}: {first_line(raised)}')
   if isinstance(e, (flags.Error, UserError, ValueError, TypeError)):
     return first_line(e)
   return f'cannot load the config: {type(e).__name__}: {first_line(e)}'  # e.g. a SyntaxError
+
+
+def _raised_by_config_file(e):
+  """What a config file raised while loading (a TypeError or ValueError, e.g. get_config()
+  given an argument it does not take), or None. ml_collections re-raises it as the same type
+  whose text is the whole traceback; the original is that exception's __context__."""
+  while e is not None:
+    if str(e).startswith('Error whilst parsing config file'):
+      return e.__context__
+    e = e.__context__
+  return None
 
 
 def _join_to_fail(argv):

@@ -202,6 +202,16 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: config file '{no_get_config}' defines no get_config()"
+  # ml_collections wraps what get_config raises in its whole traceback: the line says the error.
+  raising = tmp_path / 'raising.py'
+  raising.write_text("def get_config():\n  raise ValueError('no learning rate\\nmore text')\n")
+  for given, error in (('configs/cifar_lrn.py:foo', 'TypeError: get_config() takes 0 positional '
+                                                    'arguments but 1 was given'),
+                       (str(raising), 'ValueError: no learning rate')):
+    result = subprocess.run([sys.executable, 'run.py', '--config', given, '--workdir',
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: cannot load config file '{given}': {error}"
   blocker = tmp_path / 'file'
   blocker.write_text('')
   unwritable = run('--workdir', str(blocker / 'sub'))
