@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import socket
+import zipfile
 
 import numpy as np
 
@@ -129,15 +130,23 @@ class ArraysSource:
   of one in TFDS's syntax with example counts or percentages ('train[:512]', 'test[-10%:]')."""
 
   def __init__(self, path):
+    not_arrays = UserError(f'{path} is not an arrays file of cnnjax (run.py --mode=export '
+                           'writes one)')
     try:
-      with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
+      with open(path, 'rb') as file:
+        # Only a zip is an .npz: np.load would return a .npy's array, or refuse anything else
+        # by offering to unpickle it.
+        if not zipfile.is_zipfile(file):
+          raise not_arrays
+        file.seek(0)
+        with np.load(file) as f:
+          arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
       raise UserError(f'cannot read the arrays file {path}: {e}') from None
     self.splits = {k[:-len('/images')]: Split(arrays[k], arrays[k[:-len('images')] + 'labels'])
                    for k in arrays if k.endswith('/images')}
     if not self.splits or 'class_names' not in arrays:
-      raise UserError(f'{path} is not an arrays file of cnnjax (run.py --mode=export writes one)')
+      raise not_arrays
     self.name = f'{arrays["name"]} ({os.path.basename(path)})'
     self.class_names = [str(n) for n in arrays['class_names']]
     self.num_classes = len(self.class_names)

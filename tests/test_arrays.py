@@ -69,9 +69,17 @@ def test_bad_arrays_input_is_one_line(exported, tmp_path):
   for empty in ('test[5:3]', 'test[:0]'):
     with pytest.raises(UserError, match=rf"bad split '{re.escape(empty)}' .* holds no examples"):
       arrays.load(empty)
+  # Not a zip, a .npy under the name, an export cut short: named as not ours (np.load would
+  # offer to unpickle the first and return the second's array).
   (tmp_path / 'other.npz').write_bytes(b'not an npz')
-  with pytest.raises(UserError, match='cannot read the arrays file'):
-    data.info(str(tmp_path / 'other.npz'))
+  np.save(tmp_path / 'array.npy', np.zeros(3))
+  (tmp_path / 'array.npy').rename(tmp_path / 'array.npz')
+  (tmp_path / 'cut.npz').write_bytes(exported.read_bytes()[:100_000])
+  for name in ('other.npz', 'array.npz', 'cut.npz'):
+    with pytest.raises(UserError, match=rf'^{tmp_path / name} is not an arrays file of cnnjax'):
+      data.info(str(tmp_path / name))
+  with pytest.raises(UserError, match='^cannot read the arrays file .*No such file'):
+    data.info(str(tmp_path / 'gone.npz'))
   result = run_py('--mode=export', '--out', str(tmp_path / 'x.zip'))
   assert result.returncode == 2 and result.stderr.strip() == \
       f"error: --out must end in .npz, got '{tmp_path / 'x.zip'}'"
