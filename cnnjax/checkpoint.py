@@ -28,6 +28,7 @@ class Checkpoints:
 
   def __init__(self, workdir, keep, read_only=False):
     self.workdir = workdir
+    self.read_only = read_only
     self.directory = os.path.abspath(workdir_lib.checkpoints_dir(workdir))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.LatestN(keep),
@@ -89,7 +90,8 @@ class Checkpoints:
   def restore_latest(self, like, report):
     """(step, state) from the newest readable checkpoint, or (None, like) if none.
 
-    Unreadable ones are reported through `report` and moved aside, never deleted.
+    Unreadable ones are reported through `report` and moved aside, never deleted; read-only
+    (eval, predict: perhaps beside the training run that owns the folder) leaves them be.
     """
     for step in reversed(self.steps()):
       try:
@@ -98,9 +100,10 @@ class Checkpoints:
       except UserError:
         raise  # a readable checkpoint of another model: the user's mistake, not corruption
       except Exception as e:
-        moved = self._quarantine(step)
-        report(f'checkpoint at step {step} is unreadable ({_reason(e)}); moved it to '
-               f'{moved} and trying the previous one')
+        done = ('left it in place (only training moves checkpoints)' if self.read_only
+                else f'moved it to {self._quarantine(step)}')
+        report(f'checkpoint at step {step} is unreadable ({_reason(e)}); {done} and trying '
+               'the previous one')
     return None, like
 
   def set_aside(self, from_step, folder):

@@ -117,6 +117,11 @@ def train_and_evaluate(config, workdir):
   signal stopped it, and the final TrainState this process holds under `state`.
   """
   workdir_lib.prepare(workdir)
+  with workdir_lib.held(workdir):  # before anything in it is read or written
+    return _train_in(config, workdir)
+
+
+def _train_in(config, workdir):
   changed_order = workdir_lib.check_resumable(config, workdir)
   trainer = Trainer(config)
   trainer.describe()

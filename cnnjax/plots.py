@@ -75,7 +75,8 @@ def _recipe(workdir):
 def _save(fig, path):
   import matplotlib.pyplot as plt
   fig.tight_layout()
-  fig.savefig(path + '.tmp.png', dpi=100)
+  temporary = f'{path}.{os.getpid()}.tmp.png'  # a --mode=plot beside the run's own redraw
+  fig.savefig(temporary, dpi=100)
   plt.close(fig)
-  os.replace(path + '.tmp.png', path)
+  os.replace(temporary, path)
   return path

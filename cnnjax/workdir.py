@@ -1,8 +1,11 @@
 """A run's workdir and the files in it: config.json, the checkpoints directory, the
 check that a config can resume what is there. (metrics.jsonl: report.py.)
 """
+import contextlib
+import fcntl
 import json
 import os
+import socket
 
 import jax
 
@@ -11,6 +14,7 @@ from cnnjax.errors import UserError, first_line
 
 CONFIG_FILE = 'config.json'
 CHECKPOINTS = 'checkpoints'
+LOCK_FILE = '.lock'
 
 
 def checkpoints_dir(workdir):
@@ -42,6 +46,33 @@ def _blocking_file(folder):
 
 def prepare(workdir):
   make_writable(workdir, f'workdir {workdir!r}')
+
+
+@contextlib.contextmanager
+def held(workdir):
+  """Holds workdir for one training run: another run started on it meanwhile fails at once
+  (two would clean up each other's unfinished checkpoints and rewrite each other's metrics).
+  The lock is the kernel's (flock on DIR/.lock, which names its holder): it goes with the
+  process however that ends, kill -9 included, so there is never a stale lock to clear.
+  Process 0 holds it for a multi-host run."""
+  if jax.process_index() != 0:
+    yield
+    return
+  with open(os.path.join(workdir, LOCK_FILE), 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'a process'
+      raise UserError(f'workdir {workdir} is in use by another run ({holder}): wait for it to '
+                      'end or stop it, or use another --workdir') from None
+    f.truncate(0)
+    f.write(f'process {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # What fixes the shapes of the train state: resuming with another value fails.

@@ -124,18 +124,22 @@ def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
                for x in jax.tree.leaves(saved_state(tmp_path, step, config).params))
 
 
-def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, reference):
+def test_corrupt_latest_checkpoint_is_moved_aside_by_training_and_the_previous_used(tmp_path, reference):
   loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
   files = [p for p in (tmp_path / 'checkpoints' / '8').rglob('*') if p.is_file()]
   biggest = max(files, key=lambda p: p.stat().st_size)
   biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
-  messages = []
   trainer = loop.Trainer(tiny(), for_training=False)
-  ckpt = checkpoint.Checkpoints(str(tmp_path), 3)
-  step, _ = ckpt.restore_latest(trainer.state, report=messages.append)
-  ckpt.close()
-  assert step == 4
-  assert len(messages) == 1 and 'checkpoint at step 8 is unreadable' in messages[0]
+  # Read-only (eval, predict: perhaps beside the run that owns the folder): used, not moved.
+  for read_only, done in ((True, 'left it in place'), (False, 'moved it to')):
+    messages = []
+    ckpt = checkpoint.Checkpoints(str(tmp_path), 3, read_only=read_only)
+    step, _ = ckpt.restore_latest(trainer.state, report=messages.append)
+    ckpt.close()
+    assert step == 4
+    assert len(messages) == 1 and 'checkpoint at step 8 is unreadable' in messages[0]
+    assert done in messages[0]
+    assert os.path.isdir(tmp_path / 'checkpoints' / '8') == read_only
   assert len(os.listdir(tmp_path / 'corrupt_checkpoints')) == 1
   loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))  # redoes steps 5-8
   assert_same_state(saved_state(tmp_path, 8), reference)

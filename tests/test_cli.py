@@ -187,6 +187,35 @@ def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
   assert no_ckpt.stderr.strip() == f'error: no checkpoints in {tmp_path}: train first, or point --workdir at a run'
 
 
+HOLD_THE_WORKDIR = """
+import sys, time
+from cnnjax import workdir
+with workdir.held(sys.argv[1]):
+  print('held', flush=True)
+  time.sleep(600)
+"""
+
+
+def test_a_workdir_in_use_refuses_a_second_run_and_is_free_once_its_holder_is_killed(tmp_path):
+  import socket
+  holder = subprocess.Popen([sys.executable, '-c', HOLD_THE_WORKDIR, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    refused = run('--workdir', str(tmp_path), *SMALL)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f'error: workdir {tmp_path} is in use by another run (process {holder.pid} on '
+        f'{socket.gethostname()}): wait for it to end or stop it, or use another --workdir')
+    assert os.listdir(tmp_path) == ['.lock']  # nothing read or written: no config, no metrics
+  finally:
+    holder.kill()  # SIGKILL: the lock goes with the process, nothing is left to clear
+    holder.wait()
+  after = run('--workdir', str(tmp_path), '--config.num_train_steps=2', *SMALL)
+  assert after.returncode == 0, after.stderr
+  assert re.search(r'^step 2: precision @ 1', after.stdout, re.M)
+
+
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
   missing = subprocess.run([sys.executable, 'run.py', '--config', 'configs/nope.py',
                             '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
