@@ -290,4 +290,11 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:
+    # Ctrl-C outside the training steps (inside them it stops the loop with a checkpoint):
+    # while loading, compiling, evaluating, exporting. Every file cnnjax writes appears
+    # whole or not at all, so there is nothing to say but that it stopped.
+    print('stopped by SIGINT', file=sys.stderr)
+    sys.exit(130)  # the shell's code for a process ended by SIGINT

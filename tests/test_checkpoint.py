@@ -165,6 +165,15 @@ def wait_for_line(proc, pattern, timeout=300):
                        f'{proc.stderr.read()[-2000:]}')
 
 
+def test_ctrl_c_before_the_training_steps_is_one_line_and_exit_130(tmp_path):
+  proc = start(tmp_path / 'run', '--config.num_train_steps=100000')
+  wait_for_line(proc, r'recipe: ')  # compiling and loading follow: seconds before step 0
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert (proc.returncode, err) == (130, 'stopped by SIGINT\n')
+  assert not re.search(r'^step \d', out, re.M)
+
+
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_checkpoints_and_exits_0(tmp_path, sig):
   proc = start(tmp_path / 'run', '--config.num_train_steps=100000', '--config.checkpoint_every=0')
