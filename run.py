@@ -1,12 +1,12 @@
 """cnnjax command line: python run.py --config configs/cifar_lrn.py --workdir DIR.
 
 Every config field can be overridden (--config.batch_size=256; in eval and predict modes
-without --config, on the run's saved config.json). Re-running with
-the same --workdir resumes from its latest checkpoint; --mode=eval evaluates a
-checkpoint without training, --mode=predict classifies image files, --mode=plot
-draws the run's curves, --mode=bench times the model, --mode=export writes the config's
-splits as an arrays file (--out) to train from without TensorFlow. Bad input ends with one line on stderr and exit
-status 2; SIGTERM/SIGINT checkpoint and exit 0.
+without --config, on the run's saved config.json). Re-running with the same --workdir
+resumes from its latest checkpoint; --mode=eval evaluates a checkpoint without training,
+--mode=predict classifies image files, --mode=plot draws the run's curves, --mode=bench
+times the model, --mode=export writes the config's splits as an arrays file (--out) to
+train from without TensorFlow. Bad input ends with one line on stderr and exit status 2.
+SIGTERM/SIGINT during training finish the running steps, checkpoint and exit 0.
 """
 import os
 import re
@@ -259,6 +259,9 @@ def main(argv):
   extra = argv[1:]
   if extra and mode != 'predict':
     fail(f'unexpected arguments: {" ".join(extra)}')
+  if mode == 'train' and not _WORKDIR.value and _CONFIG.value is None:
+    fail('--config and --workdir are required: python run.py --config configs/cifar_lrn.py '
+         '--workdir DIR (--help for more)')
   if not _WORKDIR.value and mode not in ('bench', 'export'):
     fail('--workdir is required')
   logging.set_verbosity(logging.ERROR)  # TFDS/orbax info chatter; our output is print()

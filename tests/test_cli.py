@@ -187,6 +187,13 @@ def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
   assert no_ckpt.stderr.strip() == f'error: no checkpoints in {tmp_path}: train first, or point --workdir at a run'
 
 
+def test_no_arguments_says_how_to_run():
+  result = run_py(config=None)
+  assert result.returncode == 2
+  assert result.stderr == ('error: --config and --workdir are required: python run.py --config '
+                           'configs/cifar_lrn.py --workdir DIR (--help for more)\n')
+
+
 HOLD_THE_WORKDIR = """
 import sys, time
 from cnnjax import workdir
