@@ -44,6 +44,7 @@ class Predictor:
     if None in self.size:
       raise UserError(f'{config.dataset} has images of varying size; predict needs a fixed one')
     self.names = self.source.class_names
+    self.batch_size = config.eval_batch_size
     if not os.path.isdir(workdir_lib.checkpoints_dir(workdir)):
       raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
     run = state_lib.build(config, state_lib.DataSpec.of(self.source, config.train_split),
@@ -59,8 +60,23 @@ class Predictor:
         state, images, augment_cfg=config.augment.lock())))
 
   def probabilities(self, images):
-    """Class probabilities (N x classes) of uint8 N x H x W x C images of the dataset's size."""
-    return np.asarray(self._probabilities(self.state, np.asarray(images, np.uint8)))
+    """Class probabilities (N x classes) of uint8 N x H x W x C images of the dataset's size.
+
+    In batches of eval_batch_size, as evaluation runs (a thousand 224 x 224 photos through
+    VGG-16 in one batch would need tens of GiB), the last padded to that size so that any N compiles once; fewer
+    images than that go as one batch of their own.
+    """
+    images = np.asarray(images, np.uint8)
+    size = min(len(images), self.batch_size)
+    if not size:
+      return np.zeros((0, len(self.names)), np.float32)
+    out = []
+    for start in range(0, len(images), size):
+      batch = images[start:start + size]
+      padding = np.zeros((size - len(batch), *batch.shape[1:]), np.uint8)
+      out.append(np.asarray(self._probabilities(self.state, np.concatenate([batch, padding])))
+                 [:len(batch)])
+    return np.concatenate(out)
 
   def top_k(self, images, k=3):
     """Per image, the k most probable (class name, probability), most probable first."""

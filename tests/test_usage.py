@@ -162,6 +162,19 @@ def test_predict_gives_the_eval_steps_classes(trained, tmp_path):
       f'{path}: {shown(top)}' for path, top in zip(paths, mirrored)]
 
 
+def test_predict_runs_in_eval_batches_and_gets_what_one_batch_gets(trained):
+  images = data.info('cifar10').load('test[:7]').images
+  whole = predict.Predictor(str(trained[0])).probabilities(images)
+  config = workdir_lib.load_saved_config(str(trained[0]))
+  config.eval_batch_size = 3  # batches of 3, 3 and 1 padded to 3
+  predictor = predict.Predictor(str(trained[0]), config)
+  calls = []
+  jitted = predictor._probabilities
+  predictor._probabilities = lambda state, batch: calls.append(len(batch)) or jitted(state, batch)
+  np.testing.assert_allclose(predictor.probabilities(images), whole, atol=1e-6)
+  assert calls == [3, 3, 3]
+
+
 def test_predict_converts_grayscale_and_resizes(trained, tmp_path):
   gray = tmp_path / 'big-gray.jpg'
   Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(gray)
