@@ -19,6 +19,9 @@ from cnnjax.errors import UserError
 def load_image(path, size, channels):
   """An image file as uint8 size x size x channels."""
   from PIL import Image, UnidentifiedImageError
+  if os.path.isdir(path):
+    raise UserError(f'image {path!r} is a folder: give its image files '
+                    f'({os.path.join(path, "*.png")}, say)')
   try:
     with Image.open(path) as image:
       image = image.convert('RGB' if channels == 3 else 'L')
