@@ -66,8 +66,8 @@ class Predictor:
     """Class probabilities (N x classes) of uint8 N x H x W x C images of the dataset's size.
 
     In batches of eval_batch_size, as evaluation runs (a thousand 224 x 224 photos through
-    VGG-16 in one batch would need tens of GiB), the last padded to that size so that any N compiles once; fewer
-    images than that go as one batch of their own.
+    VGG-16 in one batch would need tens of GiB), the last padded to that size so that any N
+    compiles once; fewer images than that go as one batch of their own.
     """
     images = np.asarray(images, np.uint8)
     size = min(len(images), self.batch_size)
