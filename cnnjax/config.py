@@ -185,6 +185,12 @@ def validate(c, data=None, mesh=None, layers=None):
   need(c.lookahead.every >= 0, f'lookahead.every must be >= 0, got {c.lookahead.every}')
   need(0 <= c.lookahead.decay <= 1, f'lookahead.decay must be in [0, 1], got {c.lookahead.decay}')
   need(0 <= c.label_smoothing < 1, f'label_smoothing must be in [0, 1), got {c.label_smoothing}')
+  need(c.optimizer != 'momentum' or 0 <= c.momentum < 1,
+       f'momentum must be in [0, 1), got {c.momentum}')
+  # A negative factor would climb the loss it is meant to descend.
+  for field in ('weight_loss', 'lr_multipliers'):
+    for key, value in c[field].items():
+      need(value >= 0, f'{field}[{key!r}] must be >= 0, got {value}')
   need(not c.nesterov or c.optimizer == 'momentum',
        f'nesterov applies to optimizer=momentum, not {c.optimizer!r}')
   for key, epoch in c.freeze_from_epoch.items():
@@ -192,6 +198,8 @@ def validate(c, data=None, mesh=None, layers=None):
   if c.schedule == 'triangular':
     t = c.triangular
     need(0 < t.peak_at < 1, f'triangular.peak_at must be in (0, 1), got {t.peak_at}')
+    need(t.start >= 0 and t.end >= 0,
+         f'triangular.start and end must be >= 0, got {t.start} and {t.end}')
     need(c.num_train_steps > 0, 'schedule=triangular needs num_train_steps > 0')
   try:
     models.create(c.model, 10, **c.model_options)
@@ -221,6 +229,9 @@ def validate(c, data=None, mesh=None, layers=None):
   if c.schedule == 'exponential_decay':
     need(c.decay_steps > 0 or c.decay_epochs > 0,
          'exponential_decay needs decay_steps > 0 or decay_epochs > 0')
+    need(c.decay_steps >= 0 and c.decay_epochs >= 0,
+         f'decay_steps and decay_epochs must be >= 0, got {c.decay_steps} and {c.decay_epochs}')
+    need(c.decay_rate > 0, f'decay_rate must be positive, got {c.decay_rate}')
   processes = 1 if mesh is None else parallel.process_count(mesh)
   shards = c.input_shards or processes  # as the trainer reads the train split
   if mesh is not None:
