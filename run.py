@@ -297,7 +297,11 @@ if __name__ == '__main__':
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:
     # Ctrl-C outside the training steps (inside them it stops the loop with a checkpoint):
-    # while loading, compiling, evaluating, exporting. Every file cnnjax writes appears
-    # whole or not at all, so there is nothing to say but that it stopped.
-    print('stopped by SIGINT', file=sys.stderr)
+    # while loading, compiling, evaluating, exporting. Checkpoints, config.json, plots and
+    # exports are replaced whole and metrics lines flushed as written: nothing to say but
+    # that it stopped.
+    print('stopped by SIGINT', file=sys.stderr, flush=True)
+    if _JOINED:  # as in fail(): not the shutdown barrier of a run the others are still in
+      sys.stdout.flush()
+      os._exit(130)
     sys.exit(130)  # the shell's code for a process ended by SIGINT

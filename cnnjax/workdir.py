@@ -1,5 +1,6 @@
-"""A run's workdir and the files in it: config.json, the checkpoints directory, the
-check that a config can resume what is there. (metrics.jsonl: report.py.)
+"""A run's workdir and the files in it: config.json, the checkpoints directory, the lock
+that keeps a second run out, the check that a config can resume what is there.
+(metrics.jsonl: report.py.)
 """
 import contextlib
 import fcntl
@@ -9,7 +10,7 @@ import socket
 
 import jax
 
-from cnnjax import config as config_lib
+from cnnjax import config as config_lib, report
 from cnnjax.errors import UserError, first_line
 
 CONFIG_FILE = 'config.json'
@@ -66,6 +67,11 @@ def held(workdir):
       holder = f.read().strip() or 'a process'
       raise UserError(f'workdir {workdir} is in use by another run ({holder}): wait for it to '
                       'end or stop it, or use another --workdir') from None
+    except OSError as e:  # a file system without locks (some network or FUSE mounts)
+      report.log(f'workdir {workdir} cannot be locked ({e.strerror or e}): nothing stops a '
+                 'second run started on it meanwhile')
+      yield
+      return
     f.truncate(0)
     f.write(f'process {os.getpid()} on {socket.gethostname()}\n')
     f.flush()

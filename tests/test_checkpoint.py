@@ -1,4 +1,5 @@
 """Checkpoints never lose work: exact resume, eval-only, signals, kill -9, corruption."""
+import errno
 import os
 import pathlib
 import re
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, loop
+from cnnjax import checkpoint, loop, workdir as workdir_lib
 from cnnjax.errors import UserError
 from tests.conftest import SMALL_RUN, as_flags, assert_same_state, restore, run_py, small_config
 
@@ -143,6 +144,18 @@ def test_corrupt_latest_checkpoint_is_moved_aside_by_training_and_the_previous_u
   assert len(os.listdir(tmp_path / 'corrupt_checkpoints')) == 1
   loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))  # redoes steps 5-8
   assert_same_state(saved_state(tmp_path, 8), reference)
+
+
+def test_a_workdir_that_cannot_be_locked_is_said_and_still_trained_in(tmp_path, monkeypatch,
+                                                                      capsys):
+  def no_locks(file, operation):  # as flock fails on a file system without locks
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+  monkeypatch.setattr(workdir_lib.fcntl, 'flock', no_locks)
+  loop.train_and_evaluate(tiny(num_train_steps=1), str(tmp_path))
+  out = capsys.readouterr().out
+  assert out.startswith(f'workdir {tmp_path} cannot be locked (No locks available): nothing '
+                        'stops a second run started on it meanwhile\n')
+  assert re.search(r'^step 1: precision @ 1', out, re.M)
 
 
 # --- as a user's process experiences it ---------------------------------------------
