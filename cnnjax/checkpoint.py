@@ -9,9 +9,12 @@ so a process killed mid-save leaves only a `*.orbax-checkpoint-tmp-*` folder,
 which latest_step() ignores and cleanup_tmp_directories removes. A checkpoint
 that is complete but unreadable (a truncated file, a bad disk) is moved to
 `workdir/corrupt_checkpoints/` and the previous one is used; one of a state whose loss
-was not finite, to `workdir/diverged_checkpoints/` (loop.py).
+was not finite, to `workdir/diverged_checkpoints/` (loop.py). A disk without room for
+the next save stops the run before the save starts (a UserError naming the latest one).
 """
+import contextlib
 import os
+import re
 import shutil
 import time
 
@@ -47,11 +50,35 @@ class Checkpoints:
     return self._manager.latest_step()
 
   def save(self, step, state):
-    """Starts an asynchronous save; training continues while it writes."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    """Starts an asynchronous save; training continues while it writes. A disk without room
+    for it is a UserError before it starts; a save that failed all the same is one here, at
+    the next save, or in wait() or close()."""
+    with self._failed_saves_said():
+      # Orbax would start the save, fail in its writer threads and print their tracebacks.
+      # (The previous save, long since written, is waited for first: it may hold the room.)
+      self._manager.wait_until_finished()
+      size, free = _nbytes(state), shutil.disk_usage(self.directory).free
+      if free < size + SAVE_MARGIN_BYTES:
+        raise _NoRoom(f'it takes about {_mib(size + SAVE_MARGIN_BYTES)}, {_mib(free)} are '
+                      'free')
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
   def wait(self):
-    self._manager.wait_until_finished()
+    """Returns once every save started is written; a UserError if one failed."""
+    with self._failed_saves_said():
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _failed_saves_said(self):
+    try:
+      yield
+    except Exception as e:
+      latest = self.latest_step()
+      raise UserError(
+          f'cannot write a checkpoint in {self.directory} ({_write_failure(e)}); the latest '
+          'one written is ' + (f'step {latest}: make room and re-run to resume from it'
+                               if latest is not None else 'none: make room and re-run')) \
+          from None
 
   def restore(self, step, like):
     """The state saved at `step`, placed with the shardings of `like`."""
@@ -120,7 +147,12 @@ class Checkpoints:
     return target
 
   def close(self):
-    self._manager.wait_until_finished()
+    try:
+      self.wait()
+    except UserError:
+      with contextlib.suppress(Exception):  # the same failure, said once
+        self._manager.close()
+      raise
     self._manager.close()
 
 
@@ -136,6 +168,31 @@ def _shapes(tree, prefix=''):
   for key, value in items:
     out.update(_shapes(value, f'{prefix}/{key}' if prefix else str(key)))
   return out
+
+
+class _NoRoom(Exception):
+  """The disk has no room for the next checkpoint (said before orbax starts it)."""
+
+
+# Room beyond the arrays' bytes that a save needs: orbax's metadata and OCDBT's index files.
+SAVE_MARGIN_BYTES = 1 << 20
+
+
+def _nbytes(tree):
+  return sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, 'nbytes'))
+
+
+def _mib(n):
+  return f'{n / 2**20:,.0f} MiB'
+
+
+def _write_failure(e):
+  """Why a save failed, in words: the OS error where orbax or TensorStore name one."""
+  if isinstance(e, _NoRoom):
+    return f'no room: {e}'
+  code = getattr(e, 'errno', None) or next(
+      (int(c) for c in re.findall(r"os_error_code='(\d+)'", str(e))), None)
+  return os.strerror(code) if code else _reason(e)
 
 
 def _reason(e):

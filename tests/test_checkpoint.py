@@ -146,6 +146,35 @@ def test_corrupt_latest_checkpoint_is_moved_aside_by_training_and_the_previous_u
   assert_same_state(saved_state(tmp_path, 8), reference)
 
 
+def test_a_full_disk_stops_the_run_in_one_line_keeping_the_last_checkpoint(tmp_path, reference,
+                                                                           monkeypatch):
+  loop.train_and_evaluate(tiny(num_train_steps=4), str(tmp_path))
+  real_disk_usage = checkpoint.shutil.disk_usage
+  almost_full = lambda path: real_disk_usage(path)._replace(free=500_000)
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage', almost_full)
+  size = sum(x.nbytes for x in jax.tree.leaves(saved_state(tmp_path, 4)))
+  expected = (f'cannot write a checkpoint in {tmp_path / "checkpoints"} (no room: it takes about '
+              f'{(size + checkpoint.SAVE_MARGIN_BYTES) / 2**20:,.0f} MiB, 0 MiB are free); the '
+              'latest one written is step 4: make room and re-run to resume from it')
+  with pytest.raises(UserError) as error:
+    loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
+  assert str(error.value) == expected
+  # Where orbax itself fails (the disk filled meanwhile), the OS error it names is said.
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage', real_disk_usage)
+  def failing_save(*args, **kwargs):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database: Failed to '
+                     "write 3022848 bytes to file 9: No space left on device [os_error_code='28']")
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'save', failing_save)
+  with pytest.raises(UserError) as error:
+    loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
+  assert str(error.value) == expected.replace(
+      expected[expected.index('(') + 1:expected.index(')')], 'No space left on device')
+  monkeypatch.undo()
+  assert os.listdir(tmp_path / 'checkpoints') == ['4']
+  loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))  # resumes at 4, room again
+  assert_same_state(saved_state(tmp_path, 8), reference)
+
+
 def test_a_workdir_that_cannot_be_locked_is_said_and_still_trained_in(tmp_path, monkeypatch,
                                                                       capsys):
   def no_locks(file, operation):  # as flock fails on a file system without locks
