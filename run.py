@@ -56,18 +56,21 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 
 
-_JOINED = False  # whether this process joined a multi-process run
-
-
 def fail(message):
   print(f'error: {message}', file=sys.stderr, flush=True)
-  if _JOINED:
-    # Not sys.exit: its jax.distributed shutdown barrier would wait for processes that
-    # are themselves waiting for this one in a collective. Leaving at once stops this
-    # process's heartbeats, and the coordination service then ends the others.
-    sys.stdout.flush()
-    os._exit(2)
-  sys.exit(2)
+  leave(2)
+
+
+def leave(code):
+  """Ends the process at once, the error line the last it prints: every file of the run is
+  closed by now (the loop's finally blocks ran). What Python's own exit would add is noise
+  or worse: other threads failing of the same cause (a full disk, in tensorboardX's writer
+  and orbax's), and in a multi-process run jax.distributed's shutdown barrier, which would
+  wait for processes that are themselves waiting for this one in a collective; leaving
+  stops this process's heartbeats, and the coordination service then ends the others."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 # The modes whose config defaults to the workdir's config.json (--config replaces it).
@@ -198,12 +201,9 @@ HEARTBEAT_TIMEOUT_S = 20
 
 
 def _join(*args, **kwargs):
-  """jax.distributed.initialize with this run's heartbeat timeout; records whether this
-  process is now one of several (fail() then leaves at once)."""
-  global _JOINED
+  """jax.distributed.initialize with this run's heartbeat timeout."""
   import jax
   jax.distributed.initialize(*args, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, **kwargs)
-  _JOINED = jax.process_count() > 1
 
 
 def init_distributed():
@@ -301,7 +301,4 @@ if __name__ == '__main__':
     # exports are replaced whole and metrics lines flushed as written: nothing to say but
     # that it stopped.
     print('stopped by SIGINT', file=sys.stderr, flush=True)
-    if _JOINED:  # as in fail(): not the shutdown barrier of a run the others are still in
-      sys.stdout.flush()
-      os._exit(130)
-    sys.exit(130)  # the shell's code for a process ended by SIGINT
+    leave(130)  # the shell's code for a process ended by SIGINT

@@ -7,12 +7,15 @@ Only process 0 reports. metrics.jsonl holds one JSON object per logged train ste
 taken), evaluations by the number of steps trained. A resumed run first drops what the
 checkpoint does not cover, so the history continues without duplicates.
 """
+import contextlib
 import json
 import os
 import sys
 import time
 
 import jax
+
+from cnnjax.errors import UserError
 
 LOG_FORMAT = 'step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)'
 METRICS_FILE = 'metrics.jsonl'
@@ -59,6 +62,7 @@ class Reporter:
     self.stream = stream or sys.stdout
     self.bar = None
     self._file = self._writer = None
+    self._failed = False  # a write failed (and was said)
     self._eval_steps = set()
     if not self.enabled:
       return
@@ -127,9 +131,15 @@ class Reporter:
     if self._file is None:
       return
     record['wall_time'] = time.time()
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()  # a kill loses at most the line being written
-    self._scalars(record)
+    try:
+      self._file.write(json.dumps(record) + '\n')
+      self._file.flush()  # a kill loses at most the line being written
+      self._scalars(record)
+    except OSError as e:  # a full disk, say
+      self._failed = True
+      raise UserError(f'cannot write the metrics in {os.path.dirname(self._file.name)} '
+                      f'({e.strerror or e}); what is written stays: make room and re-run to '
+                      'resume from the latest checkpoint') from None
 
   def _scalars(self, r):
     if r['kind'] == 'train':
@@ -146,6 +156,8 @@ class Reporter:
       self.bar.close()
       self.bar = None
     if self._file is not None:
-      self._file.close()
-      self._writer.close()
-      self._file = self._writer = None
+      file, writer, self._file, self._writer = self._file, self._writer, None, None
+      # After a failed write, closing tries the write again: that failure was said once.
+      for closable in (file, writer):
+        with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
+          closable.close()

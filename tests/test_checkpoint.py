@@ -175,6 +175,40 @@ def test_a_full_disk_stops_the_run_in_one_line_keeping_the_last_checkpoint(tmp_p
   assert_same_state(saved_state(tmp_path, 8), reference)
 
 
+class FullDisk:
+  """metrics.jsonl once the disk is full: writes fail, and so does the close that flushes them."""
+
+  def __init__(self, file):
+    self.file, self.name = file, file.name
+
+  def write(self, text):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  def flush(self):
+    pass
+
+  def close(self):
+    self.file.close()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_under_the_metrics_stops_the_run_in_one_line(tmp_path, monkeypatch):
+  loop.train_and_evaluate(tiny(num_train_steps=4), str(tmp_path))
+  written = (tmp_path / 'metrics.jsonl').read_text()
+  opened = loop.Reporter._open_history
+  def then_full(reporter, *args):
+    opened(reporter, *args)
+    reporter._file = FullDisk(reporter._file)
+  monkeypatch.setattr(loop.Reporter, '_open_history', then_full)
+  with pytest.raises(UserError) as error:  # not the OSError of the close after it
+    loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
+  assert str(error.value) == (
+      f'cannot write the metrics in {tmp_path} (No space left on device); what is written '
+      'stays: make room and re-run to resume from the latest checkpoint')
+  assert (tmp_path / 'metrics.jsonl').read_text() == written
+  assert os.listdir(tmp_path / 'checkpoints') == ['4']
+
+
 def test_a_workdir_that_cannot_be_locked_is_said_and_still_trained_in(tmp_path, monkeypatch,
                                                                       capsys):
   def no_locks(file, operation):  # as flock fails on a file system without locks
