@@ -34,7 +34,7 @@ def write(workdir):
   import matplotlib.pyplot as plt
   recipe = _recipe(workdir)
   out = os.path.join(workdir, 'plots')
-  os.makedirs(out, exist_ok=True)
+  workdir_lib.make_writable(out, f'plots folder {out!r}')
   written = []
   if train:
     steps = [r['step'] for r in train]
@@ -76,7 +76,13 @@ def _save(fig, path):
   import matplotlib.pyplot as plt
   fig.tight_layout()
   temporary = f'{path}.{os.getpid()}.tmp.png'  # a --mode=plot beside the run's own redraw
-  fig.savefig(temporary, dpi=100)
-  plt.close(fig)
-  os.replace(temporary, path)
+  try:
+    fig.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+  except OSError as e:  # a full disk, say: the figure before stays as it was
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise UserError(f'cannot write {path}: {e.strerror or e}') from None
+  finally:
+    plt.close(fig)
   return path

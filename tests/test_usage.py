@@ -107,6 +107,18 @@ def test_plots_at_the_end_and_in_plot_mode(trained, tmp_path):
   for name in ('loss.png', 'accuracy.png'):
     with Image.open(copy / 'plots' / name) as image:
       assert image.format == 'PNG' and image.size[0] >= 400
+  # A figure that cannot be written, a plots folder that cannot be made: one line each.
+  (copy / 'plots' / 'loss.png').unlink()
+  (copy / 'plots' / 'loss.png').mkdir()
+  result = run('--mode=plot', '--workdir', str(copy), config=None)
+  assert (result.returncode, result.stderr) == (
+      2, f'error: cannot write {copy}/plots/loss.png: Is a directory\n')
+  assert sorted(os.listdir(copy / 'plots')) == ['accuracy.png', 'loss.png']  # no temporary left
+  shutil.rmtree(copy / 'plots')
+  (copy / 'plots').write_text('')
+  result = run('--mode=plot', '--workdir', str(copy), config=None)
+  assert (result.returncode, result.stderr) == (
+      2, f"error: plots folder '{copy}/plots' is not writable: {copy}/plots is a file\n")
 
 
 def restored_state(workdir):
