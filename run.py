@@ -290,6 +290,8 @@ def main(argv):
       loop.evaluate_checkpoint(load_config(), _WORKDIR.value, _STEP.value)
   except UserError as e:
     fail(str(e))
+  except OSError as e:  # the machine's, not cnnjax's: a full disk, a path in the way
+    fail(f'{e.filename}: {e.strerror}' if e.filename and e.strerror else first_line(e))
 
 
 if __name__ == '__main__':

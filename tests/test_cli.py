@@ -199,6 +199,13 @@ def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
   assert no_ckpt.stderr.strip() == f'error: no checkpoints in {tmp_path}: train first, or point --workdir at a run'
 
 
+def test_an_os_error_is_one_line_naming_the_file(tmp_path):
+  (tmp_path / 'metrics.jsonl').mkdir()  # where the run's history goes: a folder in the way
+  result = run('--workdir', str(tmp_path), *SMALL)
+  assert (result.returncode, result.stderr) == (
+      2, f'error: {tmp_path}/metrics.jsonl: Is a directory\n')
+
+
 def test_no_arguments_says_how_to_run():
   result = run_py(config=None)
   assert result.returncode == 2
