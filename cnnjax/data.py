@@ -109,9 +109,15 @@ class TfdsSource:
       ds = ds.take(limit)
     ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=tf.data.AUTOTUNE)
     images, labels = [], []
-    for x, y in ds.batch(4096).prefetch(2).as_numpy_iterator():
-      images.append(x)
-      labels.append(y)
+    try:
+      for x, y in ds.batch(4096).prefetch(2).as_numpy_iterator():
+        images.append(x)
+        labels.append(y)
+    except tf.errors.OpError as e:  # a file cut short or damaged (DataLossError, say)
+      reason = re.sub(r'\s*\[Op:.*', '', e.message.split('}}')[-1]).strip()  # tf.data's op
+      raise UserError(f'cannot read split {split!r} of {self.name} in {self.builder.data_dir} '
+                      f'({type(e).__name__}: {reason}); its files may be damaged: prepare '
+                      'it again') from None
     return Split(np.concatenate(images), np.concatenate(labels).astype(np.int32))
 
   def shard(self, split, index, count):

@@ -1,5 +1,6 @@
 """run.py as a user runs it: a short real run, resume, and one-line errors."""
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -197,6 +198,23 @@ def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
   no_ckpt = run('--mode=eval', '--workdir', str(tmp_path))
   assert no_ckpt.returncode == 2
   assert no_ckpt.stderr.strip() == f'error: no checkpoints in {tmp_path}: train first, or point --workdir at a run'
+
+
+def test_a_damaged_tfds_file_is_one_line_naming_the_split(tmp_path):
+  prepared = pathlib.Path(data.info('cifar10').builder.data_dir)
+  copy = tmp_path / 'tfds' / 'cifar10' / prepared.name
+  copy.mkdir(parents=True)
+  for path in prepared.iterdir():  # the test split's file cut short, as by a copy that broke
+    if 'test.tfrecord' in path.name:
+      (copy / path.name).write_bytes(path.read_bytes()[:1_000_000])
+    else:
+      (copy / path.name).symlink_to(path)
+  result = run('--workdir', str(tmp_path / 'run'), *SMALL, f'--config.data_dir={tmp_path}/tfds',
+               '--config.eval_split=test')
+  assert result.returncode == 2
+  assert re.fullmatch(rf"error: cannot read split 'test' of cifar10 in {copy} \(DataLossError: "
+                      r"truncated record at \d+.*\); its files may be damaged: prepare it again\n",
+                      result.stderr), result.stderr
 
 
 def test_an_os_error_is_one_line_naming_the_file(tmp_path):
