@@ -299,7 +299,7 @@ if __name__ == '__main__':
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:
     # Ctrl-C outside the training steps (inside them it stops the loop with a checkpoint):
-    # while loading, compiling, evaluating, exporting. Checkpoints, config.json, plots and
+    # while loading data, restoring, evaluating, exporting. Checkpoints, config.json, plots and
     # exports are replaced whole and metrics lines flushed as written: nothing to say but
     # that it stopped.
     print('stopped by SIGINT', file=sys.stderr, flush=True)
