@@ -246,9 +246,14 @@ def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(tmp_path):
   # Evaluation (here of the whole test split) runs outside the steps' signal handling.
   # SIGINT as a terminal's foreground process has it: a process started with it ignored (a
   # script's background job, and so this suite run with `&`) keeps it ignored, as it should.
-  proc = run_py('--mode=eval', '--workdir', str(tmp_path), '--config.eval_split=test',
-                config=None, wait=False,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # A child inherits an ignored signal, and a handled one as the default (no preexec_fn: it
+  # would fork this multithreaded process).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    proc = run_py('--mode=eval', '--workdir', str(tmp_path), '--config.eval_split=test',
+                  config=None, wait=False)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   wait_for_line(proc, r'restored the checkpoint at step 1')  # compiling and evaluating follow
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=120)
