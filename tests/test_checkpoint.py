@@ -125,7 +125,8 @@ def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
                for x in jax.tree.leaves(saved_state(tmp_path, step, config).params))
 
 
-def test_corrupt_latest_checkpoint_is_moved_aside_by_training_and_the_previous_used(tmp_path, reference):
+def test_corrupt_latest_checkpoint_is_moved_aside_by_training_and_the_previous_used(
+    tmp_path, reference):
   loop.train_and_evaluate(tiny(num_train_steps=8), str(tmp_path))
   files = [p for p in (tmp_path / 'checkpoints' / '8').rglob('*') if p.is_file()]
   biggest = max(files, key=lambda p: p.stat().st_size)

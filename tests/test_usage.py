@@ -330,8 +330,9 @@ def test_unreadable_images_are_one_line_and_lose_nothing(trained, tmp_path):
   before = sorted(os.listdir(workdir)), open(workdir / 'metrics.jsonl').read()
   text = tmp_path / 'notes.png'
   text.write_text('not an image')
+  gone = tmp_path / 'gone.jpg'
   for path, message in ((text, f"error: cannot read image '{text}': UnidentifiedImageError"),
-                        (tmp_path / 'gone.jpg', f"error: image '{tmp_path}/gone.jpg' does not exist"),
+                        (gone, f"error: image '{gone}' does not exist"),
                         (tmp_path, f"error: image '{tmp_path}' is a folder: give its image files "
                                    f"({tmp_path}/*.png, say)")):
     result = run('--mode=predict', '--workdir', str(workdir), '--images', str(path), config=None)
