@@ -65,21 +65,19 @@ class Predictor:
   def probabilities(self, images):
     """Class probabilities (N x classes) of uint8 N x H x W x C images of the dataset's size.
 
-    In batches of eval_batch_size, as evaluation runs (a thousand 224 x 224 photos through
-    VGG-16 in one batch would need tens of GiB), the last padded to that size so that any N
-    compiles once; fewer images than that go as one batch of their own.
+    In batches of eval_batch_size from data.eval_batches, as evaluation runs (a thousand
+    224 x 224 photos through VGG-16 in one batch would need tens of GiB), the last padded to
+    that size so that any N compiles once; fewer images than that go as one batch of their
+    own.
     """
     images = np.asarray(images, np.uint8)
     size = min(len(images), self.batch_size)
     if not size:
       return np.zeros((0, len(self.names)), np.float32)
-    out = []
-    for start in range(0, len(images), size):
-      batch = images[start:start + size]
-      padding = np.zeros((size - len(batch), *batch.shape[1:]), np.uint8)
-      out.append(np.asarray(self._probabilities(self.state, np.concatenate([batch, padding])))
-                 [:len(batch)])
-    return np.concatenate(out)
+    unlabelled = data.Split(images, np.zeros(len(images), np.int32))
+    return np.concatenate([
+        np.asarray(self._probabilities(self.state, batch['image']))[batch['mask']]
+        for batch in data.eval_batches(unlabelled, size)])
 
   def top_k(self, images, k=3):
     """Per image, the k most probable (class name, probability), most probable first."""
