@@ -11,9 +11,10 @@ SIGTERM/SIGINT during training finish the running steps, checkpoint and exit 0.
 import os
 import re
 import sys
+import traceback
 
 from cnnjax import cpu
-from cnnjax.errors import UserError, first_line
+from cnnjax.errors import UserError, first_line, typed_line
 
 # --isa caps oneDNN's and XLA's instruction set before either is loaded (cnnjax/cpu.py).
 cpu.cap_isa_from_argv(sys.argv)
@@ -23,6 +24,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app, flags, logging  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -116,6 +118,11 @@ def _unknown_mode(mode):
 
 
 def _flag_error(argv, e):
+  if isinstance(e, UserError):  # e.g. the workdir's config.json, read by cnnjax/saved_config.py
+    return first_line(e)
+  in_file = _raised_in_config_file(argv, e)
+  if in_file:
+    return f'cannot load config file {_flag_value(argv, "config")!r}: {in_file}'
   if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
     return f'config file {_flag_value(argv, "config")!r} defines no get_config()'
   if isinstance(e, (KeyError, AttributeError)):
@@ -130,11 +137,28 @@ def _flag_error(argv, e):
             + 'fields: cnnjax/config.py and the config file)')
   raised = _raised_by_config_file(e)
   if raised is not None:
-    return (f'cannot load config file {_flag_value(argv, "config")!r}: '
-            f'{type(raised).__name__}: {first_line(raised)}')
+    return f'cannot load config file {_flag_value(argv, "config")!r}: {typed_line(raised)}'
   if isinstance(e, (flags.Error, UserError, ValueError, TypeError)):
     return first_line(e)
-  return f'cannot load the config: {type(e).__name__}: {first_line(e)}'  # e.g. a SyntaxError
+  return f'cannot load the config: {typed_line(e)}'  # e.g. a SyntaxError
+
+
+def _raised_in_config_file(argv, e):
+  """What the config file's own code raised, as 'line N: Type: text', or None: said as the
+  file's error, not taken for what the same types mean from ml_collections (a KeyError is an
+  override of an unknown field there, a KeyError in get_config is the file's own)."""
+  given = _flag_value(argv, 'config')
+  if not given:
+    return None
+  path = os.path.realpath(given.split(':', 1)[0])
+  raised = _raised_by_config_file(e) or e
+  if isinstance(raised, SyntaxError) and raised.filename:
+    if os.path.realpath(raised.filename) != path:
+      return None
+    return f'line {raised.lineno}: {type(raised).__name__}: {raised.msg}'
+  lines = [frame.lineno for frame in traceback.extract_tb(raised.__traceback__)
+           if os.path.realpath(frame.filename) == path]
+  return f'line {lines[-1]}: {typed_line(raised)}' if lines else None
 
 
 def _raised_by_config_file(e):
@@ -183,15 +207,26 @@ def _override_named(argv, leaf):
   return leaf
 
 
+def config_given():
+  return bool(flags.FLAGS['config'].present)  # (the value is None also where get_config() is)
+
+
 def load_config():
-  try:
-    config = _CONFIG.value
-    config.keys()  # a config that failed to load raises on first use
+  name = flags.FLAGS['config'].config_filename
+  config = _CONFIG.value
+  if isinstance(config, ml_collections.ConfigDict):
     return config
-  except Exception as e:  # ml_collections defers load errors (missing file, bad Python) to here
+  if config is None:
+    fail(f'config file {name!r}: get_config() returned None (no return statement?)')
+  try:
+    config.keys()  # ml_collections defers a file it could not read to here: it raises now
+  except OSError as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    reason = lines[-1] if lines else type(e).__name__
-    fail(f'cannot load config file {flags.FLAGS["config"].config_filename!r}: {reason}')
+    fail(f'cannot load config file {name!r}: {lines[-1] if lines else type(e).__name__}')
+  except Exception:  # noqa: BLE001  (not a mapping: said below)
+    pass
+  fail(f'config file {name!r}: get_config() returned a value of type {type(config).__name__}, '
+       'not a ConfigDict (configs/*.py start from cnnjax.config.base_config())')
 
 
 # A process silent this long is taken as dead and the coordination service ends the run
@@ -259,7 +294,7 @@ def main(argv):
   extra = argv[1:]
   if extra and mode != 'predict':
     fail(f'unexpected arguments: {" ".join(extra)}')
-  if mode == 'train' and not _WORKDIR.value and _CONFIG.value is None:
+  if mode == 'train' and not _WORKDIR.value and not config_given():
     fail('--config and --workdir are required: python run.py --config configs/cifar_lrn.py '
          '--workdir DIR (--help for more)')
   if not _WORKDIR.value and mode not in ('bench', 'export'):
@@ -269,16 +304,16 @@ def main(argv):
   from cnnjax import loop
   try:
     if mode == 'bench':
-      if _CONFIG.value is None:
+      if not config_given():
         fail('--config is required (e.g. --config configs/imagenet_vgg16.py)')
       from cnnjax import bench
       bench.run(load_config())
     elif mode == 'train':
-      if _CONFIG.value is None:
+      if not config_given():
         fail('--config is required (e.g. --config configs/cifar_lrn.py)')
       loop.train_and_evaluate(load_config(), _WORKDIR.value)
     elif mode == 'export':
-      export(load_config() if _CONFIG.value is not None else None, _OUT.value)
+      export(load_config() if config_given() else None, _OUT.value)
     elif mode == 'plot':
       from cnnjax import plots
       for path in plots.write(_WORKDIR.value):
@@ -295,6 +330,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  logging.set_verbosity(logging.ERROR)  # absl's warnings while parsing: said as our one line
   try:
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from cnnjax import workdir as workdir_lib
-from cnnjax.errors import UserError
+from cnnjax.errors import UserError, typed_line
 
 
 class Checkpoints:
@@ -196,5 +196,4 @@ def _write_failure(e):
 
 
 def _reason(e):
-  text = str(e).strip()
-  return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
+  return typed_line(e)[:200]  # orbax and TensorStore can put a whole spec on one line

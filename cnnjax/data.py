@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from cnnjax.errors import UserError
+from cnnjax.errors import UserError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _builder(name, data_dir):
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise UserError(f'unknown dataset {name!r}: {str(e).splitlines()[0]}') from None
+    raise UserError(f'unknown dataset {name!r}: {first_line(e)}') from None
 
 
 def _prepare(builder, name, download):

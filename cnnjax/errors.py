@@ -10,3 +10,10 @@ def first_line(e):
   """An exception's first line of text, for a one-line message (its type where it has none)."""
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__
+
+
+def typed_line(e):
+  """'Type: first line' of an exception (the type alone where it has no text), where the type
+  says what the text does not: an OSError subclass, an error a user's config file raised."""
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0]}' if text else type(e).__name__

@@ -13,7 +13,7 @@ import numpy as np
 
 from cnnjax import checkpoint, data, parallel, state as state_lib, train, workdir as workdir_lib
 from cnnjax.report import log
-from cnnjax.errors import UserError
+from cnnjax.errors import UserError, typed_line
 
 
 def load_image(path, size, channels):
@@ -31,8 +31,7 @@ def load_image(path, size, channels):
   except FileNotFoundError:
     raise UserError(f'image {path!r} does not exist') from None
   except (UnidentifiedImageError, OSError) as e:
-    raise UserError(f'cannot read image {path!r}: {type(e).__name__}: '
-                    f'{str(e).splitlines()[0] if str(e) else "not an image"}') from None
+    raise UserError(f'cannot read image {path!r}: {typed_line(e)}') from None
   return pixels.reshape(*size, channels)
 
 

@@ -275,22 +275,59 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: config file '{no_get_config}' defines no get_config()"
-  # ml_collections wraps what get_config raises in its whole traceback: the line says the error.
-  raising = tmp_path / 'raising.py'
-  raising.write_text("def get_config():\n  raise ValueError('no learning rate\\nmore text')\n")
-  for given, error in (('configs/cifar_lrn.py:foo', 'TypeError: get_config() takes 0 positional '
-                                                    'arguments but 1 was given'),
-                       (str(raising), 'ValueError: no learning rate')):
-    result = subprocess.run([sys.executable, 'run.py', '--config', given, '--workdir',
-                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: cannot load config file '{given}': {error}"
+  # ml_collections wraps a TypeError of the call in its whole traceback: the line says the error.
+  given = 'configs/cifar_lrn.py:foo'
+  result = subprocess.run([sys.executable, 'run.py', '--config', given, '--workdir',
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f"error: cannot load config file '{given}': TypeError: "
+                                   'get_config() takes 0 positional arguments but 1 was given')
   blocker = tmp_path / 'file'
   blocker.write_text('')
   unwritable = run('--workdir', str(blocker / 'sub'))
   assert unwritable.returncode == 2
   assert unwritable.stderr.strip() == \
       f"error: workdir '{blocker / 'sub'}' is not writable: {blocker} is a file"
+
+
+@pytest.mark.parametrize('source, error', [
+    # ml_collections wraps ValueError and TypeError in their traceback: the line says the error.
+    ("def get_config():\n  raise ValueError('no learning rate\\nmore text')\n",
+     "line 2: ValueError: no learning rate"),
+    ("def get_config():\n  raise RuntimeError\n", "line 2: RuntimeError"),  # its type, once
+    # The types that mean an unknown override field from ml_collections are the file's own here.
+    ("def get_config():\n  settings = {}\n  return settings['lr']\n", "line 3: KeyError: 'lr'"),
+    ("import ml_collections\n\ndef get_config():\n  c = ml_collections.ConfigDict()\n"
+     "  return c.lr\n", "line 5: AttributeError: \"'lr'\""),
+    ("def helper():\n  return undefined\n\ndef get_config():\n  return helper()\n",
+     "line 2: NameError: name 'undefined' is not defined"),  # the deepest line of the file
+    ("import nosuchmodule\n", "line 1: ModuleNotFoundError: No module named 'nosuchmodule'"),
+    ("def get_config():\n  return (\n", "line 2: SyntaxError: '(' was never closed"),
+])
+def test_a_config_file_that_raises_is_one_line_naming_its_line(tmp_path, source, error):
+  config = tmp_path / 'recipe.py'
+  config.write_text(source)
+  result = subprocess.run([sys.executable, 'run.py', '--config', str(config), '--workdir',
+                           str(tmp_path / 'w')], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"error: cannot load config file '{config}': {error}"
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('returned, error', [
+    ('None', 'returned None (no return statement?)'),
+    ("{'batch_size': 64}", 'returned a value of type dict, not a ConfigDict (configs/*.py '
+                           'start from cnnjax.config.base_config())'),
+])
+def test_a_config_file_that_returns_no_config_is_one_line(tmp_path, returned, error):
+  config = tmp_path / 'recipe.py'
+  config.write_text(f'def get_config():\n  return {returned}\n')
+  result = subprocess.run([sys.executable, 'run.py', '--config', str(config), '--workdir',
+                           str(tmp_path / 'w')], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"error: config file '{config}': get_config() {error}"
 
 
 def test_without_the_onednn_extension_runs_on_xla_and_says_so(tmp_path):
