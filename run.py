@@ -152,10 +152,11 @@ def _raised_in_config_file(argv, e):
     return None
   path = os.path.realpath(given.split(':', 1)[0])
   raised = _raised_by_config_file(e) or e
-  if isinstance(raised, SyntaxError) and raised.filename:
-    if os.path.realpath(raised.filename) != path:
+  if isinstance(raised, SyntaxError):  # compiling the file (no file name: null bytes in it)
+    if raised.filename and os.path.realpath(raised.filename) != path:
       return None
-    return f'line {raised.lineno}: {type(raised).__name__}: {raised.msg}'
+    where = f'line {raised.lineno}: ' if raised.lineno else ''
+    return f'{where}{type(raised).__name__}: {raised.msg}'  # .msg: str() adds the file name
   lines = [frame.lineno for frame in traceback.extract_tb(raised.__traceback__)
            if os.path.realpath(frame.filename) == path]
   return f'line {lines[-1]}: {typed_line(raised)}' if lines else None
@@ -220,9 +221,11 @@ def load_config():
     fail(f'config file {name!r}: get_config() returned None (no return statement?)')
   try:
     config.keys()  # ml_collections defers a file it could not read to here: it raises now
-  except OSError as e:
+  except OSError as e:  # the file's own OSError inside ml_collections' words: its reason alone
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    fail(f'cannot load config file {name!r}: {lines[-1] if lines else type(e).__name__}')
+    said = re.search(r'\[Errno \d+\] ([^:]+)', str(e))
+    fail(f'cannot load config file {name!r}: '
+         f'{said.group(1) if said else lines[-1] if lines else type(e).__name__}')
   except Exception:  # noqa: BLE001  (not a mapping: said below)
     pass
   fail(f'config file {name!r}: get_config() returned a value of type {type(config).__name__}, '

@@ -261,13 +261,13 @@ def test_a_workdir_in_use_refuses_a_second_run_and_is_free_once_its_holder_is_ki
 
 
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
-  missing = subprocess.run([sys.executable, 'run.py', '--config', 'configs/nope.py',
-                            '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=600)
-  assert missing.returncode == 2
-  assert missing.stderr.strip() == (
-      "error: cannot load config file 'configs/nope.py': "
-      "[Errno 2] No such file or directory: 'configs/nope.py'")
+  for given, reason in (('configs/nope.py', 'No such file or directory'),
+                        ('configs', 'Is a directory')):
+    missing = subprocess.run([sys.executable, 'run.py', '--config', given, '--workdir',
+                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: cannot load config file '{given}': {reason}"
   no_get_config = tmp_path / 'recipe.py'
   no_get_config.write_text('batch_size = 128\n')
   for given in (['--config', str(no_get_config)], [f'--config={no_get_config}']):
@@ -303,6 +303,7 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
      "line 2: NameError: name 'undefined' is not defined"),  # the deepest line of the file
     ("import nosuchmodule\n", "line 1: ModuleNotFoundError: No module named 'nosuchmodule'"),
     ("def get_config():\n  return (\n", "line 2: SyntaxError: '(' was never closed"),
+    ("\0", "SyntaxError: source code string cannot contain null bytes"),  # a binary file
 ])
 def test_a_config_file_that_raises_is_one_line_naming_its_line(tmp_path, source, error):
   config = tmp_path / 'recipe.py'
