@@ -138,9 +138,9 @@ def _flag_error(argv, e):
   raised = _raised_by_config_file(e)
   if raised is not None:
     return f'cannot load config file {_flag_value(argv, "config")!r}: {typed_line(raised)}'
-  if isinstance(e, (flags.Error, UserError, ValueError, TypeError)):
+  if isinstance(e, (flags.Error, ValueError, TypeError)):
     return first_line(e)
-  return f'cannot load the config: {typed_line(e)}'  # e.g. a SyntaxError
+  return f'cannot load the config: {typed_line(e)}'  # what else ml_collections may raise
 
 
 def _raised_in_config_file(argv, e):
