@@ -263,9 +263,7 @@ def test_a_workdir_in_use_refuses_a_second_run_and_is_free_once_its_holder_is_ki
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
   for given, reason in (('configs/nope.py', 'No such file or directory'),
                         ('configs', 'Is a directory')):
-    missing = subprocess.run([sys.executable, 'run.py', '--config', given, '--workdir',
-                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)
+    missing = run_py('--workdir', str(tmp_path), config=given)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: cannot load config file '{given}': {reason}"
   no_get_config = tmp_path / 'recipe.py'
@@ -277,8 +275,7 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
     assert result.stderr.strip() == f"error: config file '{no_get_config}' defines no get_config()"
   # ml_collections wraps a TypeError of the call in its whole traceback: the line says the error.
   given = 'configs/cifar_lrn.py:foo'
-  result = subprocess.run([sys.executable, 'run.py', '--config', given, '--workdir',
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  result = run_py('--workdir', str(tmp_path), config=given)
   assert result.returncode == 2
   assert result.stderr.strip() == (f"error: cannot load config file '{given}': TypeError: "
                                    'get_config() takes 0 positional arguments but 1 was given')
@@ -308,9 +305,7 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
 def test_a_config_file_that_raises_is_one_line_naming_its_line(tmp_path, source, error):
   config = tmp_path / 'recipe.py'
   config.write_text(source)
-  result = subprocess.run([sys.executable, 'run.py', '--config', str(config), '--workdir',
-                           str(tmp_path / 'w')], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+  result = run_py('--workdir', str(tmp_path / 'w'), config=str(config))
   assert result.returncode == 2
   assert result.stderr.strip() == f"error: cannot load config file '{config}': {error}"
   assert not (tmp_path / 'w').exists()
@@ -324,9 +319,7 @@ def test_a_config_file_that_raises_is_one_line_naming_its_line(tmp_path, source,
 def test_a_config_file_that_returns_no_config_is_one_line(tmp_path, returned, error):
   config = tmp_path / 'recipe.py'
   config.write_text(f'def get_config():\n  return {returned}\n')
-  result = subprocess.run([sys.executable, 'run.py', '--config', str(config), '--workdir',
-                           str(tmp_path / 'w')], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+  result = run_py('--workdir', str(tmp_path / 'w'), config=str(config))
   assert result.returncode == 2
   assert result.stderr.strip() == f"error: config file '{config}': get_config() {error}"
 
