@@ -172,6 +172,12 @@ def bench_ms(output, config, batch, k):
   return float(found.group(1)) if found else None
 
 
+def torch_best(output):
+  """(mode, examples/sec) from benchmarks/torch_recipe_a.py's `torch best:` line, or None."""
+  found = re.search(r'^torch best: (\S+), ([\d,]+) examples/sec$', output, re.M)
+  return (found.group(1), float(found.group(2).replace(',', ''))) if found else None
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('what', nargs='?', choices=['prepare', 'run'], default='run')
@@ -229,12 +235,11 @@ def main():
     part(TORCH_A, limit,
          [py, 'benchmarks/torch_recipe_a.py', '--batch', '128', '--steps', str(torch_steps)],
          ('torch',))
-    best = re.search(r'^torch best: (\S+), ([\d,]+) examples/sec', OUTPUT.get(TORCH_A, ''), re.M)
+    best = torch_best(OUTPUT.get(TORCH_A, ''))
     if best and synthetic:
       ours = 128 / (synthetic / 1e3)
-      print(f'cnnjax vs PyTorch\'s best ({best.group(1)}), Recipe A, batch 128: {ours:,.0f} vs '
-            f'{best.group(2)} examples/sec: {ours / float(best.group(2).replace(",", "")):.2f}x '
-            '(target >= 2x)', flush=True)
+      print(f'cnnjax vs PyTorch\'s best ({best[0]}), Recipe A, batch 128: {ours:,.0f} vs '
+            f'{best[1]:,.0f} examples/sec: {ours / best[1]:.2f}x (target >= 2x)', flush=True)
   else:
     print('=== d. PyTorch: not installed here, skipped', flush=True)
   g_steps = 20 if q else 476  # Recipe G's num_train_steps

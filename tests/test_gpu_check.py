@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py's pieces that its one GPU call depends on, checked on the CPU: the
 payload's wheels put on the path without pip, bench mode's figure read from bench mode's own
 output, and a run's median step read from the metrics.jsonl the loop writes."""
+import ast
 import importlib.util
 import json
 import os
@@ -73,3 +74,19 @@ def test_steps_median_leaves_out_the_first_logged_step(gpu_check, tmp_path, caps
   median = gpu_check.steps_median(str(workdir), "Recipe A's schedule", 3000)
   assert median == statistics.median(seconds[1:])
   assert f'at that rate: {3000 * median:.1f} s' in capsys.readouterr().out
+
+
+def test_torch_best_reads_the_line_torch_recipe_a_prints(gpu_check):
+  # torch is not installed here, so the script cannot run: its own `torch best:` f-string is
+  # taken from its source and formatted with a best (examples/sec, mode) as main() holds it.
+  source = (ROOT / 'benchmarks' / 'torch_recipe_a.py').read_text()
+  lines = [node.args[0] for node in ast.walk(ast.parse(source))
+           if isinstance(node, ast.Call) and getattr(node.func, 'id', '') == 'print'
+           and isinstance(node.args[0], ast.JoinedStr)
+           and str(getattr(node.args[0].values[0], 'value', '')).startswith('torch best:')]
+  assert len(lines) == 1
+  line = eval(compile(ast.Expression(lines[0]), 'torch_recipe_a.py', 'eval'),
+              {'best': (23456.4, 'reduce-overhead')})
+  output = f'torch eager: 9.000 ms/step, 14,222 examples/sec\n{line}\n'
+  assert gpu_check.torch_best(output) == ('reduce-overhead', 23456.0)
+  assert gpu_check.torch_best('torch eager: 9.000 ms/step, 14,222 examples/sec\n') is None
