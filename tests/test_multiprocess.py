@@ -68,9 +68,10 @@ def test_two_processes_train_like_one(tmp_path):
 
 # Through run.py and the README's flags: two processes, one CPU device each.
 RUN = dict(train_split='train[:512]', eval_split='test[:64]', batch_size=32, eval_batch_size=32,
-           log_every=1, eval_every=0, checkpoint_every=1000, num_train_steps=30, optimizer='sgd',
+           log_every=1, eval_every=0, checkpoint_every=1000, num_train_steps=100, optimizer='sgd',
            learning_rate=0.05, input_shards=2, progress='lines',
-           steps_per_dispatch=2)  # 15 dispatches: a signal lands mid-run
+           steps_per_dispatch=2)  # 50 dispatches: a signal lands mid-run (with 30 steps, the
+                                  # 25 after step 5 took 0.5 s on a 2-core Zen 5: too close)
 
 
 def start_process(process_id, port, workdir, log, *extra):
