@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py's pieces that its one GPU call depends on, checked on the CPU: the
 payload's wheels put on the path without pip, bench mode's figure read from bench mode's own
-output, and a run's median step read from the metrics.jsonl the loop writes."""
+output, a run's median step read from the metrics.jsonl the loop writes, and PyTorch's best
+read from the line benchmarks/torch_recipe_a.py prints."""
 import ast
 import importlib.util
 import json
