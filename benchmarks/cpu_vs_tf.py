@@ -30,8 +30,7 @@ from cnnjax import cpu  # noqa: E402
 cpu.cap_isa_from_argv(sys.argv)  # before jax and TensorFlow load oneDNN
 import side_by_side  # noqa: E402
 
-RECIPES = {'A': 'cifar_lrn', 'B': 'cifar_cookbook', 'C': 'cifar_tutorial', 'D': 'mnist_cnn',
-           'E': 'cifar_deep', 'F': 'cifar_vgg16'}
+RECIPES = side_by_side.RECIPES
 FEW_STEPS = {'E': 3, 'F': 3}  # the deep nets take seconds per step on two cores
 
 
@@ -92,13 +91,9 @@ def compare(recipe, steps, rounds, steps_per_dispatch, peak):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--recipes', default='A,B,C,D,E,F')
-  parser.add_argument('--steps', type=int, default=30, help='steps per timed run (E, F: 3)')
-  parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps_per_dispatch', type=int, default=1,
                       help="cnnjax's train steps per dispatch (the configs' default: 10)")
-  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
-                      help='cap oneDNN and XLA (and TF) at this ISA (cnnjax/cpu.py)')
-  parser.add_argument('--child', choices=['cnnjax', 'tensorflow'], help=argparse.SUPPRESS)
+  side_by_side.add_arguments(parser, 30, 5, ['cnnjax', 'tensorflow'])
   args = parser.parse_args()
   if args.child == 'cnnjax':
     return serve_cnnjax(args.recipes, args.steps_per_dispatch)

@@ -96,11 +96,7 @@ def cnnjax_runner(k):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--steps', type=int, default=20, help='steps per timed run')
-  parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
-                      help='cap XLA (and oneDNN) at this ISA (cnnjax/cpu.py)')
-  parser.add_argument('--child', choices=SIDES, help=argparse.SUPPRESS)
+  side_by_side.add_arguments(parser, 20, 5, SIDES)
   args = parser.parse_args()
   if args.child:
     run, per_call, flags = (plain_step_runner() if args.child == 'plain' else

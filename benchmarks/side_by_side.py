@@ -4,15 +4,33 @@ Each side runs in a child process kept alive for the whole comparison, with its 
 environment (XLA_FLAGS, cnnjax's malloc setting: a framework is measured as its users
 run it, not with the other's process settings). The driver alternates timed runs
 between the children, so they share the machine's state, while the others wait idle
-on their stdin. Used by benchmarks/cpu_vs_tf.py and benchmarks/plain_jax_step.py.
+on their stdin. Used by benchmarks/cpu_vs_tf.py, plain_jax_step.py, xla_cpu_flags.py and
+small_map_convs.py.
 
 Protocol: the child prints 'ready <json>' once warmed up, then for each 'go N' line on
 stdin runs N steps, waits for the last, and prints the seconds per step.
 """
+import argparse
 import json
 import subprocess
 import sys
 import time
+
+# The recipes by the letters docs/RESULTS.md's tables use (--recipes A,D,E).
+RECIPES = {'A': 'cifar_lrn', 'B': 'cifar_cookbook', 'C': 'cifar_tutorial', 'D': 'mnist_cnn',
+           'E': 'cifar_deep', 'F': 'cifar_vgg16'}
+
+
+def add_arguments(parser, steps, rounds, children=None):
+  """The options every side-by-side benchmark takes: --steps and --rounds (their defaults
+  given), --isa, and the hidden --child that starts one side (one of `children`)."""
+  from cnnjax import cpu
+  parser.add_argument('--steps', type=int, default=steps, help='steps per timed run')
+  parser.add_argument('--rounds', type=int, default=rounds)
+  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
+                      help='cap oneDNN and XLA (and TensorFlow, where it runs) at this ISA '
+                      '(cnnjax/cpu.py)')
+  parser.add_argument('--child', choices=children, help=argparse.SUPPRESS)
 
 
 class Child:

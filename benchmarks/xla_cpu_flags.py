@@ -23,8 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
 import side_by_side  # noqa: E402
 from cnnjax import cpu  # noqa: E402
 
-RECIPES = {'A': 'cifar_lrn', 'B': 'cifar_cookbook', 'C': 'cifar_tutorial', 'D': 'mnist_cnn',
-           'E': 'cifar_deep', 'F': 'cifar_vgg16'}
+RECIPES = side_by_side.RECIPES
 YNNPACK = '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'
 
 
@@ -45,11 +44,7 @@ def serve(recipe, side):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--recipes', default='A,D,E')
-  parser.add_argument('--steps', type=int, default=10, help='steps per timed run')
-  parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
-                      help='cap XLA (and oneDNN) at this ISA (cnnjax/cpu.py)')
-  parser.add_argument('--child', help=argparse.SUPPRESS)
+  side_by_side.add_arguments(parser, 10, 5)
   args = parser.parse_args()
   if args.child:
     return serve(*args.child.split(':'))

@@ -193,15 +193,23 @@ def onednn_build():
   return f'oneDNN {v.major}.{v.minor}.{v.patch} (ISA {_ISA_NAMES.get(isa, hex(isa))})'
 
 
+# The revision of cnnjax/ops.py's XLA formulations, in the cache key: raised when a change
+# makes one faster, so that choices measured against the old one are measured again
+# (2: convolutions whose window is larger than their input padded first, ops._eigen_conv).
+XLA_FORMULATIONS = 2
+
+
 @functools.cache
 def machine():
   """What makes a kernel's speed here: the key of the cached kernel choices (the CPU, the
-  two libraries' versions, oneDNN's ISA, XLA's CPU flags: its ISA cap, YNNPACK's use)."""
+  two libraries' versions, oneDNN's ISA, XLA's CPU flags: its ISA cap, YNNPACK's use;
+  cnnjax's own XLA formulations)."""
   import jaxlib
   xla_cpu_flags = sorted(f for f in os.environ.get('XLA_FLAGS', '').split()
                          if f.startswith('--xla_cpu_'))
   return (f'{cpu.model()}; {cpu.cores()} cores; {onednn_build()}; jaxlib {jaxlib.__version__}'
-          f'; XLA flags: {" ".join(xla_cpu_flags) or "none"}')
+          f'; XLA flags: {" ".join(xla_cpu_flags) or "none"}'
+          f'; cnnjax XLA formulations {XLA_FORMULATIONS}')
 
 
 def describe():

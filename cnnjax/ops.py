@@ -107,10 +107,11 @@ def _xla_conv(x, kernel, strides, padding):
 # module (xla/service/cpu/conv_canonicalization.h): inside a while body (the lax.scan
 # of steps_per_dispatch) or a call they stay as they are and run as XLA's naive loop,
 # ~100x slower (jax-ml/jax#12868). So the gradients below are written canonical, with
-# the transposes explicit: the same arithmetic, bit for bit, as a plain jitted step.
+# the transposes explicit: the same arithmetic, bit for bit, as a plain jitted step
+# (except where a window is larger than its input: _eigen_conv).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _canonical_conv(x, kernel, strides, padding):
-  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS)
+  return _eigen_conv(x, kernel, strides, padding)
 
 
 def _canonical_conv_fwd(x, kernel, strides, padding):
@@ -124,20 +125,43 @@ def _canonical_conv_bwd(strides, padding, residuals, dy):
   # Input gradient: dy (dilated by the stride) correlated with the flipped kernel, its
   # in/out channels swapped.
   flipped = jnp.transpose(lax.rev(kernel, (0, 1)), (0, 1, 3, 2))
-  dx = lax.conv_general_dilated(
+  dx = _eigen_conv(
       dy, flipped, (1, 1),
       ((kh - 1 - pt, h - 1 + pt - sh * (oh - 1)), (kw - 1 - pl, w - 1 + pl - sw * (ow - 1))),
-      lhs_dilation=(sh, sw), dimension_numbers=_DIMS)
+      lhs_dilation=(sh, sw))
   # Kernel gradient: a convolution over the batch, input channels as its batch (C, H, W, N)
   # and dy as its kernel (OH, OW, N, O), dilated by the stride.
-  dk = lax.conv_general_dilated(
+  dk = _eigen_conv(
       jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
       ((pt, kh + sh * (oh - 1) - h - pt), (pl, kw + sw * (ow - 1) - w - pl)),
-      rhs_dilation=(sh, sw), dimension_numbers=_DIMS)
+      rhs_dilation=(sh, sw))
   return dx, jnp.transpose(dk, (1, 2, 0, 3))
 
 
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+
+
+def _eigen_conv(lhs, rhs, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
+  """A canonical convolution that stays canonical: its input at least as large as its window.
+
+  XLA's algebraic simplifier swaps the operands of a convolution whose window is larger
+  than its input (VGG-16's 3x3 kernels on CIFAR's 2x2 maps, a 5x5 kernel on a 4x4 map),
+  a form XLA:CPU then runs as its naive loop, at the top level too: ~70x slower than
+  Eigen's (jaxlib 0.10.2 and 0.12.1; docs/RESULTS.md). Where the window is larger in any
+  dimension (XLA swapped a 3x3 window on 2x2, not on 2x8; the copy is small either way),
+  the padding (and the stride's dilation of the input gradient) is applied to the input
+  first, behind a barrier that keeps XLA from folding it back into the convolution: the
+  same sums, on Eigen.
+  """
+  window = [d * (k - 1) + 1 for d, k in zip(rhs_dilation, rhs.shape[:2])]
+  size = [d * (n - 1) + 1 for d, n in zip(lhs_dilation, lhs.shape[1:3])]
+  if all(k <= n for k, n in zip(window, size)):
+    return lax.conv_general_dilated(lhs, rhs, strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=_DIMS)
+  spatial = [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
+  padded = lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *spatial, (0, 0, 0)])
+  return lax.conv_general_dilated(lax.optimization_barrier(padded), rhs, strides, 'VALID',
+                                  rhs_dilation=rhs_dilation, dimension_numbers=_DIMS)
 
 
 def _pool_padding(size, window, stride, padding):

@@ -67,6 +67,8 @@ def _check_pool_against_tf(tf, x, window, stride):
     ((4, 12, 12, 64), (5, 5, 64, 64), 1, 'SAME', True),  # Recipe A conv2
     ((3, 9, 7, 5), (3, 3, 5, 6), 2, 'SAME', False),  # odd sizes, stride 2: TF pads after
     ((2, 8, 8, 4), (3, 3, 4, 8), 1, 'VALID', False),
+    ((4, 2, 2, 16), (3, 3, 16, 8), 1, 'SAME', True),  # Recipe F's 2x2 maps: window > input
+    ((2, 4, 5, 3), (5, 5, 3, 4), 2, 'SAME', False),  # the same, strided: dilated gradient
 ])
 def test_conv_bias_relu_matches_tf_forward_and_gradients(tf, cpu_kernels, shape, kernel, stride,
                                                          padding, relu):
