@@ -93,7 +93,8 @@ def main():
   parser.add_argument('--recipes', default='A,B,C,D,E,F')
   parser.add_argument('--steps_per_dispatch', type=int, default=1,
                       help="cnnjax's train steps per dispatch (the configs' default: 10)")
-  side_by_side.add_arguments(parser, 30, 5, ['cnnjax', 'tensorflow'])
+  side_by_side.add_arguments(parser, 30, 5, ['cnnjax', 'tensorflow'],
+                             steps_help='steps per timed run (E, F: 3)')
   args = parser.parse_args()
   if args.child == 'cnnjax':
     return serve_cnnjax(args.recipes, args.steps_per_dispatch)

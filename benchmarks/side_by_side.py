@@ -21,11 +21,11 @@ RECIPES = {'A': 'cifar_lrn', 'B': 'cifar_cookbook', 'C': 'cifar_tutorial', 'D': 
            'E': 'cifar_deep', 'F': 'cifar_vgg16'}
 
 
-def add_arguments(parser, steps, rounds, children=None):
+def add_arguments(parser, steps, rounds, children=None, steps_help='steps per timed run'):
   """The options every side-by-side benchmark takes: --steps and --rounds (their defaults
   given), --isa, and the hidden --child that starts one side (one of `children`)."""
   from cnnjax import cpu
-  parser.add_argument('--steps', type=int, default=steps, help='steps per timed run')
+  parser.add_argument('--steps', type=int, default=steps, help=steps_help)
   parser.add_argument('--rounds', type=int, default=rounds)
   parser.add_argument('--isa', choices=list(cpu.ISA_CAPS), default='native',
                       help='cap oneDNN and XLA (and TensorFlow, where it runs) at this ISA '
