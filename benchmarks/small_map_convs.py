@@ -31,11 +31,9 @@ RECIPES = side_by_side.RECIPES
 
 
 def serve(recipe, side):
-  from jax import lax
   from cnnjax import bench, config as config_lib, kernels, ops
   if side == 'folded':
-    ops._eigen_conv = lambda lhs, rhs, strides, padding, **dilations: lax.conv_general_dilated(
-        lhs, rhs, strides, padding, **dilations, dimension_numbers=ops._DIMS)
+    ops._eigen_conv = ops._plain_conv
   s = bench.Synthetic(config_lib.load_file(ROOT / 'configs' / f'{RECIPES[recipe]}.py'),
                       steps_per_call=1)  # every K runs the same step body (a scan)
   s.trace()
@@ -53,7 +51,6 @@ def sweep(channels=256, batch=128):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax import lax
   from cnnjax import ops
 
   def ms(f, *args):
@@ -75,11 +72,9 @@ def sweep(channels=256, batch=128):
       x = jnp.asarray(rng.normal(size=(batch, size, size, channels)), jnp.float32)
       w = jnp.asarray(rng.normal(size=(k, k, channels, channels)), jnp.float32)
       pads = ((k // 2, k // 2),) * 2
-      folded = ms(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pads,
-                                                        dimension_numbers=ops._DIMS), x, w)
-      unbarred = ms(lambda x, w: lax.conv_general_dilated(  # XLA folds the pad back in
-          jnp.pad(x, ((0, 0), *pads, (0, 0))), w, (1, 1), 'VALID',
-          dimension_numbers=ops._DIMS), x, w)
+      folded = ms(lambda x, w: ops._plain_conv(x, w, (1, 1), pads), x, w)
+      unbarred = ms(lambda x, w: ops._plain_conv(  # XLA folds the pad back in
+          jnp.pad(x, ((0, 0), *pads, (0, 0))), w, (1, 1), 'VALID'), x, w)
       padded = ms(lambda x, w: ops._eigen_conv(x, w, (1, 1), pads), x, w)
       gflop = 2 * batch * size * size * k * k * channels * channels / 1e9
       print(f'| {k}x{k} | {size}x{size} | {folded:.1f} ({gflop / folded * 1e3:.0f}) '

@@ -93,10 +93,16 @@ def conv2d(x, kernel, bias=None, stride=1, padding='SAME', relu=False):
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
+def _plain_conv(lhs, rhs, strides, padding, **dilations):
+  """XLA's convolution NHWC x HWIO -> NHWC as JAX writes it (JAX's own gradients, XLA's
+  own padding)."""
+  return lax.conv_general_dilated(lhs, rhs, strides, padding, **dilations, dimension_numbers=_DIMS)
+
+
 def _xla_conv(x, kernel, strides, padding):
   """XLA's convolution; on the CPU backend with both gradients in Eigen's canonical form."""
   if jax.default_backend() != 'cpu':
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS)
+    return _plain_conv(x, kernel, strides, padding)
   return _canonical_conv(x, kernel, strides, padding)
 
 
@@ -156,12 +162,12 @@ def _eigen_conv(lhs, rhs, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1
   window = [d * (k - 1) + 1 for d, k in zip(rhs_dilation, rhs.shape[:2])]
   size = [d * (n - 1) + 1 for d, n in zip(lhs_dilation, lhs.shape[1:3])]
   if all(k <= n for k, n in zip(window, size)):
-    return lax.conv_general_dilated(lhs, rhs, strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=_DIMS)
+    return _plain_conv(lhs, rhs, strides, padding, lhs_dilation=lhs_dilation,
+                       rhs_dilation=rhs_dilation)
   spatial = [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
   padded = lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *spatial, (0, 0, 0)])
-  return lax.conv_general_dilated(lax.optimization_barrier(padded), rhs, strides, 'VALID',
-                                  rhs_dilation=rhs_dilation, dimension_numbers=_DIMS)
+  return _plain_conv(lax.optimization_barrier(padded), rhs, strides, 'VALID',
+                     rhs_dilation=rhs_dilation)
 
 
 def _pool_padding(size, window, stride, padding):

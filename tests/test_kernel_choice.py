@@ -169,8 +169,7 @@ def test_xlas_path_runs_every_convolution_of_the_train_steps_in_canonical_form(m
       assert set(forms) == {'b01f_01io->b01f'}, forms  # conv1's kernel gradient
     # The check can fail: with JAX's own autodiff of the convolution (what cnnjax ran
     # before), the gradients inside the loop are not canonical.
-    monkeypatch.setattr(ops, '_canonical_conv', lambda x, k, s, p: jax.lax.conv_general_dilated(
-        x, k, s, p, dimension_numbers=ops._DIMS))
+    monkeypatch.setattr(ops, '_canonical_conv', ops._plain_conv)
     hlo = bench.Synthetic(small_config(batch_size=16)).compiled_text()
     assert set(convolution_forms(hlo)) - {'b01f_01io->b01f'}
 
@@ -187,9 +186,7 @@ def test_xlas_path_runs_every_convolution_of_recipe_f_in_canonical_form(monkeypa
     assert set(forms) == {'b01f_01io->b01f'}, forms
     # The check can fail: with XLA's own padding inside the convolution (as before), the
     # forward and the input gradient of a 2x2 map come out swapped.
-    monkeypatch.setattr(ops, '_eigen_conv', lambda lhs, rhs, strides, padding, **dilations:
-                        jax.lax.conv_general_dilated(lhs, rhs, strides, padding, **dilations,
-                                                     dimension_numbers=ops._DIMS))
+    monkeypatch.setattr(ops, '_eigen_conv', ops._plain_conv)
 
     def out_and_grads(x, w, b):
       out, vjp = jax.vjp(lambda *a: ops.conv2d(*a, relu=True), x, w, b)
@@ -210,7 +207,7 @@ def test_canonical_convolution_gradients_equal_jaxs_bit_for_bit(shape, kernel, s
   w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
   strides = (stride, stride)
   pads = jax.lax.padtype_to_pads(shape[1:3], kernel[:2], strides, padding)
-  plain = lambda x, w, s, p: jax.lax.conv_general_dilated(x, w, s, p, dimension_numbers=ops._DIMS)
+  plain = ops._plain_conv
   out_shape = jax.eval_shape(lambda x, w: plain(x, w, strides, pads), x, w).shape
   dy = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
