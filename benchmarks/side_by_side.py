@@ -4,16 +4,19 @@ Each side runs in a child process kept alive for the whole comparison, with its 
 environment (XLA_FLAGS, cnnjax's malloc setting: a framework is measured as its users
 run it, not with the other's process settings). The driver alternates timed runs
 between the children, so they share the machine's state, while the others wait idle
-on their stdin. Used by benchmarks/cpu_vs_tf.py, plain_jax_step.py, xla_cpu_flags.py and
-small_map_convs.py.
+on their stdin. Used by benchmarks/cpu_vs_tf.py, plain_jax_step.py, xla_cpu_flags.py,
+small_map_convs.py and dropout_draws.py.
 
 Protocol: the child prints 'ready <json>' once warmed up, then for each 'go N' line on
 stdin runs N steps, waits for the last, and prints the seconds per step.
 """
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 # The recipes by the letters docs/RESULTS.md's tables use (--recipes A,D,E).
@@ -76,3 +79,25 @@ def alternate(children, steps, rounds):
     for name, child in children.items():
       times[name].append(child.time(steps[name] if isinstance(steps, dict) else steps))
   return times
+
+
+def per_recipe_and_path(script, recipes, paths, sides, steps, rounds, own_caches=False):
+  """Each recipe's step on each CPU kernel path (CNNJAX_CPU_KERNELS), one child per side
+  (`script --child RECIPE:SIDE`), timed in alternation. Yields (recipe, path, {side: median
+  ms/step}, {side: each round's ms/step}, {side: the child's ready info}). own_caches: each
+  child chooses its kernels afresh (a cache of its own); else they share the user's."""
+  for recipe in recipes:
+    for path in paths:
+      children = {}
+      for side in sides:
+        env = {**os.environ, 'CNNJAX_CPU_KERNELS': path}
+        if own_caches:
+          env['CNNJAX_KERNEL_CACHE'] = os.path.join(tempfile.mkdtemp(prefix='kernel_cache_'),
+                                                    'choices.json')
+        children[side] = Child([script, '--child', f'{recipe}:{side}'], env=env)
+      times = alternate(children, steps, rounds)
+      for child in children.values():
+        child.close()
+      yield (recipe, path, {side: statistics.median(t) * 1e3 for side, t in times.items()},
+             {side: [t * 1e3 for t in ts] for side, ts in times.items()},
+             {side: child.info for side, child in children.items()})

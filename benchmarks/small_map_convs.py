@@ -17,9 +17,7 @@ convolution alone, by kernel and map size. Results: docs/RESULTS.md.
 import argparse
 import os
 import pathlib
-import statistics
 import sys
-import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
@@ -97,24 +95,16 @@ def main():
     os.environ['CNNJAX_CPU_KERNELS'] = 'xla'
     sweep()
   rows = []
-  for recipe in args.recipes.split(','):
-    for path in args.paths.split(','):
-      children = {}
-      for side in ('padded', 'folded'):
-        cache = os.path.join(tempfile.mkdtemp(prefix='kernel_cache_'), 'choices.json')
-        env = {**os.environ, 'CNNJAX_CPU_KERNELS': path, 'CNNJAX_KERNEL_CACHE': cache}
-        children[side] = side_by_side.Child([__file__, '--child', f'{recipe}:{side}'], env=env)
-      times = side_by_side.alternate(children, args.steps, args.rounds)
-      for child in children.values():
-        child.close()
-      med = {side: statistics.median(t) * 1e3 for side, t in times.items()}
-      on_xla = {side: child.info['ops_on_xla'] for side, child in children.items()}
-      for side, child in children.items():  # the 2x2 maps' choices (auto), with their times
-        for line in child.info['small_maps']:
-          print(f'  {side}: {line}')
-      rows.append((recipe, path, med, on_xla))
-      print(f'{recipe} {path}: padded {med["padded"]:.1f} ms/step, folded {med["folded"]:.1f}',
-            flush=True)
+  for recipe, path, med, _, info in side_by_side.per_recipe_and_path(
+      __file__, args.recipes.split(','), args.paths.split(','), ('padded', 'folded'),
+      args.steps, args.rounds, own_caches=True):
+    on_xla = {side: info[side]['ops_on_xla'] for side in info}
+    for side in info:  # the 2x2 maps' choices (auto), with their times
+      for line in info[side]['small_maps']:
+        print(f'  {side}: {line}')
+    rows.append((recipe, path, med, on_xla))
+    print(f'{recipe} {path}: padded {med["padded"]:.1f} ms/step, folded {med["folded"]:.1f}',
+          flush=True)
   print('\n| recipe | CNNJAX_CPU_KERNELS | padded (cnnjax), ms/step | folded (XLA pads inside '
         'the convolution), ms/step | folded / padded | ops on XLA under auto (padded / folded) |')
   print('|---|---|---|---|---|---|')

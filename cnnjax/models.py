@@ -253,7 +253,7 @@ class PaddleDropout(nn.Module):
   def __call__(self, x, train):
     if not train:
       return x * (1.0 - self.rate)
-    keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.rate, x.shape)
+    keep = ops.bernoulli(self.make_rng('dropout'), 1.0 - self.rate, x.shape)
     return jnp.where(keep, x, jnp.zeros_like(x))
 
 

@@ -4,11 +4,14 @@ Each function here claims equality with a named TensorFlow op, and
 tests/test_ops.py checks the claim against TensorFlow itself, on both paths:
 oneDNN's kernels on the CPU backend (cnnjax/kernels.py) and the pure-JAX
 formulations below, which every other backend (and CNNJAX_CPU_KERNELS=xla) runs.
+bernoulli instead claims equality with jax.random.bernoulli, bit for bit.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnnjax import kernels
@@ -254,3 +257,56 @@ def _max_pool_bwd(window, stride, ph, pw, oh, ow, residuals, g):
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# --- random draws ---------------------------------------------------------------------------
+
+def bernoulli(key, p, shape):
+  """jax.random.bernoulli(key, p, shape) for a float p: the same draws, bit for bit.
+
+  On the CPU backend JAX lowers threefry2x32 as a rolled loop (a while loop of five
+  passes over whole arrays of counters and words), which XLA can fuse with nothing: a
+  dropout mask of Recipe F's first layer (8.4 million draws) took 5.6x as long as the
+  same hash written out, which XLA fuses with the select that applies the mask
+  (docs/RESULTS.md). So on the CPU, for a threefry2x32 key with JAX's default
+  partitionable counters, the draw is written out here: the counters (the element's
+  row-major index), the hash, and jax.random.uniform's float conversion, as jax.random
+  computes them. Elsewhere (another backend, PRNG or counter scheme; a scalar; 2**32
+  draws or more) jax.random.bernoulli itself.
+  """
+  shape, words = tuple(shape), _threefry_key_words(key)
+  if (words is None or jax.default_backend() != 'cpu' or not 0 < math.prod(shape) < 2**32
+      or not shape or not jax.config.jax_threefry_partitionable):
+    return jax.random.bernoulli(key, p, shape)
+  # The element's index, low 32 bits (the high ones are 0 below 2**32 draws); summed
+  # from per-axis iotas, as jax.random does, so that XLA partitions it with the batch.
+  strides = np.cumprod((*shape[1:], 1)[::-1])[::-1]
+  index = sum(lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+              for axis, stride in enumerate(strides))
+  hi, lo = _threefry2x32(words[0], words[1], jnp.zeros(shape, jnp.uint32), index)
+  bits = hi ^ lo
+  # jax.random.uniform's [0, 1) float: 23 random mantissa bits under an exponent of 1.
+  one = np.float32(1).view(np.uint32)
+  uniform = lax.bitcast_convert_type((bits >> np.uint32(9)) | one, jnp.float32) - 1
+  return uniform < np.float32(p)
+
+
+def _threefry_key_words(key):
+  """A threefry2x32 key's two uint32 words (typed key or raw); None for another PRNG."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key) if str(jax.random.key_impl(key)) == 'threefry2x32' else None
+  return key if jax.config.jax_default_prng_impl == 'threefry2x32' else None
+
+
+def _threefry2x32(k1, k2, x1, x2):
+  """Threefry-2x32 with 20 rounds (Salmon et al. 2011), unrolled: jax.random's hash."""
+  rotate = lambda v, r: (v << np.uint32(r)) | (v >> np.uint32(32 - r))
+  keys = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + keys[0], x2 + keys[1]
+  for i in range(5):
+    for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ rotate(x2, r)
+    x1 = x1 + keys[(i + 1) % 3]
+    x2 = x2 + keys[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2

@@ -55,6 +55,9 @@ def as_flags(overrides):
   return [f'--config.{k}={v}' for k, v in overrides.items()]
 
 
+# Eight CPU devices for a subprocess (tests of data parallelism without a GPU).
+EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+
 # The small real slices the command-line tests train on (each test adds its step counts).
 SMALL_RUN = dict(train_split='train[:256]', eval_split='test[:100]', eval_batch_size=64)
 

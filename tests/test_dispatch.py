@@ -10,7 +10,7 @@ import pytest
 
 from cnnjax import checkpoint, feed, loop, optim
 from cnnjax.errors import UserError
-from tests.conftest import (ROOT, SMALL_RUN, as_flags, assert_same_state, recipe_config,
+from tests.conftest import (EIGHT, ROOT, SMALL_RUN, as_flags, assert_same_state, recipe_config,
                              restore, run_py, small_config)
 
 # Intervals that K = 10 does not divide: groups are cut at the checkpoint and the end.
@@ -170,8 +170,6 @@ def test_bad_dispatch_settings_are_one_line_errors(tmp_path, field, value, messa
   result = run_py('--workdir', str(tmp_path), f'--config.{field}={value}')
   assert result.returncode == 2 and result.stderr.strip() == f'error: bad config: {message}'
 
-
-EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 
 # Every layout of shards on 8 devices: devices sharing a shard (1, 2, 4 shards), one each
 # (8), several each (16); steps across an epoch boundary (256 / 32 = 8 steps an epoch).

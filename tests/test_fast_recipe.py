@@ -333,8 +333,7 @@ def test_short_recipe_g_on_eight_devices_trains_like_one(tmp_path):
              f'--config.model_options.widths={SHORT["model_options"]["widths"]}',
              f'--config.whiten.images={SHORT["whiten"]["images"]}',
              config='configs/cifar_fast.py',
-             env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-                  **conftest.one_kernel_path()})
+             env={**conftest.EIGHT, **conftest.one_kernel_path()})
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'devices: 8 x ' in r.stdout
   eight = restore(tmp_path / 'eight', overrides['num_train_steps'], short(**overrides))

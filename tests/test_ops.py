@@ -1,5 +1,7 @@
 """cnnjax.ops against TensorFlow's own ops, forward and gradient."""
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnnjax import kernels, ops
+from tests.conftest import EIGHT, ROOT
 
 LRN_RECIPES = {
     'recipe_a': dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75),
@@ -170,3 +173,48 @@ def test_the_xla_cpu_flag_only_where_the_installed_jaxlib_knows_it(monkeypatch):
   monkeypatch.setattr(kernels, 'YNN_FLAG_NEEDS', (b'xla_cpu_no_such_flag_in_any_jaxlib',))
   assert not kernels._keep_xla_convolutions_off_ynnpack()
   assert 'XLA_FLAGS' not in os.environ
+
+
+BERNOULLI_SHAPES = [(), (0, 3), (7,), (3, 5), (2, 3, 5, 7), (4, 6, 6, 8)]
+
+
+@pytest.mark.parametrize('shape', BERNOULLI_SHAPES)
+@pytest.mark.parametrize('p', [0.5, 0.6, 0.7])
+def test_bernoulli_draws_jax_random_bernoullis_bits(shape, p):
+  draw = jax.jit(ops.bernoulli, static_argnums=(1, 2))
+  for key in (jax.random.PRNGKey(3), jax.random.key(11), jax.random.fold_in(jax.random.key(5), 9)):
+    expected = np.asarray(jax.random.bernoulli(key, p, shape))
+    np.testing.assert_array_equal(draw(key, p, shape), expected)
+    np.testing.assert_array_equal(ops.bernoulli(key, p, shape), expected)  # eagerly too
+
+
+def test_bernoulli_with_another_prng_is_jax_random_bernoulli():
+  key = jax.random.key(0, impl='rbg')
+  np.testing.assert_array_equal(ops.bernoulli(key, 0.6, (5, 7)),
+                                jax.random.bernoulli(key, 0.6, (5, 7)))
+
+
+def test_bernoulli_on_the_cpu_fuses_with_its_use_without_jaxs_rolled_loop():
+  """jax.random's CPU lowering of threefry is a while loop over whole arrays; ops.bernoulli's
+  hash is written out, so the masked select compiles to loop-free fusions."""
+  x = jnp.ones((4, 8, 8, 16))
+  hlo = lambda draw: jax.jit(lambda k, x: jnp.where(draw(k, 0.6, x.shape), x, 0.0)).lower(
+      jax.random.PRNGKey(0), x).compile().as_text()
+  assert ' while(' in hlo(jax.random.bernoulli)
+  assert ' while(' not in hlo(ops.bernoulli)
+
+
+def test_bernoulli_sharded_over_eight_devices_draws_the_same_bits():
+  code = """
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from cnnjax import ops
+assert jax.device_count() == 8
+key, shape = jax.random.PRNGKey(7), (16, 6, 6, 8)
+batch = NamedSharding(jax.make_mesh((8,), ('batch',)), P('batch'))
+draw = jax.jit(lambda k: ops.bernoulli(k, 0.6, shape), out_shardings=batch)
+np.testing.assert_array_equal(draw(key), jax.random.bernoulli(key, 0.6, shape))
+"""
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **EIGHT})
+  assert result.returncode == 0, result.stderr[-2000:]

@@ -10,9 +10,8 @@ import pytest
 
 from cnnjax import checkpoint, data, kernels, parallel, state as state_lib
 from tests import conftest
-from tests.conftest import ROOT, SMALL_RUN, as_flags, recipe_config, run_py, small_config
+from tests.conftest import EIGHT, ROOT, SMALL_RUN, as_flags, recipe_config, run_py, small_config
 
-EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 # SGD: equal gradients give equal updates (Adam would magnify float noise in tiny gradients).
 # 100 test examples in batches of 16 = 8 devices x 2: the last batch is padded and masked.
 OVERRIDES = dict(SMALL_RUN, batch_size=32, eval_batch_size=16, log_every=1, eval_every=0,

@@ -1,5 +1,6 @@
 """Every recipe: its config, its model, and the state it keeps (EMA, batch norm, dropout)."""
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,18 @@ def test_paddle_dropout_masks_unscaled_in_training_and_scales_at_test(rate):
   np.testing.assert_array_equal(y[kept], np.asarray(x)[kept])  # no 1 / (1 - rate)
   assert abs(kept.mean() - (1 - rate)) < 4 * (rate * (1 - rate) / x.size) ** 0.5
   np.testing.assert_array_equal(dropout.apply({}, x, False), x * np.float32(1 - rate))
+
+
+def test_vgg_train_step_draws_its_dropout_masks_without_jaxs_rolled_threefry_loop():
+  """On the CPU jax.random lowers threefry as a while loop over the whole mask, which XLA
+  fuses with nothing; ops.bernoulli writes the hash out. Loops over keys (u32[1], u32[4]:
+  splits and fold-ins) are left; none may carry a mask (an array of rank 2 or more)."""
+  from cnnjax import bench
+  hlo = bench.Synthetic(recipe_config('cifar_vgg16', batch_size=4,
+                                      steps_per_dispatch=1)).compiled_text()
+  loops = [line for line in hlo.splitlines() if ' while(' in line]
+  assert loops  # the key splits'
+  assert not [line for line in loops if re.search(r'u32\[\d+,', line)], loops
 
 
 def test_vgg_weight_loss_decays_every_parameter_as_paddles_l2():
