@@ -176,6 +176,26 @@ def test_vgg_train_step_draws_its_dropout_masks_without_jaxs_rolled_threefry_loo
   assert not [line for line in loops if re.search(r'u32\[\d+,', line)], loops
 
 
+def test_vgg_trains_as_with_jax_random_bernoulli_to_rounding(monkeypatch):
+  """ops.bernoulli draws jax.random.bernoulli's masks, so two train steps of Recipe F end in
+  the same state either way, to float rounding: the fused draws change how XLA fuses the
+  float ops around them (1e-6 here), where one other mask moves every layer by order 1."""
+  from cnnjax import bench, kernels, ops
+  states = []
+  with kernels.using('xla'):  # one path for both
+    for draw in (ops.bernoulli, jax.random.bernoulli):
+      monkeypatch.setattr(ops, 'bernoulli', draw)
+      steps = bench.Synthetic(recipe_config('cifar_vgg16', batch_size=4, steps_per_dispatch=2))
+      steps.train_once()
+      states.append((steps.state.params, steps.state.batch_stats))
+  written, jax_own = (jax.tree_util.tree_flatten_with_path(s)[0] for s in states)
+  for (path, a), (_, b) in zip(written, jax_own, strict=True):
+    if jax.tree_util.keystr(path).endswith("['fc1']['bias']"):
+      continue  # feeds batch norm: its true gradient is 0, its update pure rounding
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), jax.tree_util.keystr(path)
+
+
 def test_vgg_weight_loss_decays_every_parameter_as_paddles_l2():
   """Paddle's L2Regularization adds rate * p to every parameter's gradient: biases and
   batch-norm scale and offset too, not only kernels."""
