@@ -1,4 +1,5 @@
-"""cnnjax.ops against TensorFlow's own ops, forward and gradient."""
+"""cnnjax.ops against TensorFlow's own ops, forward and gradient; ops.bernoulli against
+jax.random.bernoulli."""
 import os
 import subprocess
 import sys
