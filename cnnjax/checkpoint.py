@@ -8,14 +8,17 @@ Orbax writes each save to a temporary directory and renames it when complete,
 so a process killed mid-save leaves only a `*.orbax-checkpoint-tmp-*` folder,
 which latest_step() ignores and cleanup_tmp_directories removes. A checkpoint
 that is complete but unreadable (a truncated file, a bad disk) is moved to
-`workdir/corrupt_checkpoints/` and the previous one is used; one of a state whose loss
-was not finite, to `workdir/diverged_checkpoints/` (loop.py). A disk without room for
+`workdir/corrupt_checkpoints/` and the previous one is used, said in one line (without the
+tracebacks of the reads orbax abandons); one of a state whose loss was not finite, to
+`workdir/diverged_checkpoints/` (loop.py). A disk without room for
 the next save stops the run before the save starts (a UserError naming the latest one).
 """
 import contextlib
+import inspect
 import os
 import re
 import shutil
+import sys
 import time
 
 import flax.serialization
@@ -112,6 +115,7 @@ class Checkpoints:
     except UserError:
       raise
     except Exception as e:
+      _drop_reports_of_abandoned_reads()
       raise UserError(f'checkpoint at step {step} cannot be restored: {_reason(e)}') from None
 
   def restore_latest(self, like, report):
@@ -127,6 +131,7 @@ class Checkpoints:
       except UserError:
         raise  # a readable checkpoint of another model: the user's mistake, not corruption
       except Exception as e:
+        _drop_reports_of_abandoned_reads()
         done = ('left it in place (only training moves checkpoints)' if self.read_only
                 else f'moved it to {self._quarantine(step)}')
         report(f'checkpoint at step {step} is unreadable ({_reason(e)}); {done} and trying '
@@ -154,6 +159,49 @@ class Checkpoints:
         self._manager.close()
       raise
     self._manager.close()
+
+
+def _drop_reports_of_abandoned_reads():
+  """Keeps a failed restore to its one line.
+
+  Orbax runs a restore in an event loop of its own and closes that loop as soon as one read
+  fails, with tensorstore's other reads of the checkpoint still in flight and orbax's
+  coroutines that await them left unfinished. Each read that finishes afterwards calls the
+  closed loop's call_soon_threadsafe from tensorstore's thread (RuntimeError('Event loop is
+  closed')), and each coroutine, closed when collected, raises orbax's 'Encountered error
+  while reading array index': Python prints every one as an unraisable exception, a dozen
+  tracebacks or more under the one line that says the checkpoint is unreadable. Nothing waits
+  for those reads. This chains a sys.unraisablehook (once) that drops exactly those reports
+  and passes every other to the hook that was there.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_abandoned_reads', False):
+    return
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+_ORBAX_CODE = os.path.dirname(ocp.__file__)
+
+
+def _is_abandoned_read(unraisable):
+  """Whether an unraisable exception is one of those a failed restore leaves behind."""
+  if inspect.iscoroutine(unraisable.object):  # an unfinished coroutine of orbax's, collected
+    return unraisable.object.cr_code.co_filename.startswith(_ORBAX_CODE)
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed'):
+    return False
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == 'call_soon_threadsafe':
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def _shapes(tree, prefix=''):
