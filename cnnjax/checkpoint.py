@@ -244,4 +244,12 @@ def _write_failure(e):
 
 
 def _reason(e):
-  return typed_line(e)[:200]  # orbax and TensorStore can put a whole spec on one line
+  """Why orbax failed, in one line: the innermost error of the chain (orbax wraps TensorStore's,
+  which names the array and what is wrong with its bytes), without the spec or the checkpoint's
+  own folder that TensorStore adds to it (orbax's wrapper is a whole spec, one line of it the
+  repr of a bound method)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = re.sub(r'\s*\[tensorstore_spec=.*', '', typed_line(e))
+  text = re.sub(r' in OCDBT database at local file "[^"]*"', '', text)
+  return text if len(text) <= 300 else text[:297] + '...'

@@ -145,6 +145,11 @@ def test_corrupt_latest_checkpoint_is_moved_aside_by_training_and_the_previous_u
     ckpt.close()
     assert step == 4
     assert len(messages) == 1 and 'checkpoint at step 8 is unreadable' in messages[0]
+    # TensorStore's reason, naming the array it could not read; not orbax's wrapper (a spec).
+    assert re.search(r'unreadable \(ValueError: [A-Z_]+: Error reading "[\w./]+": \w',
+                     messages[0]), messages[0]
+    assert 'TensorStore' not in messages[0]
+    assert str(tmp_path / 'checkpoints') not in messages[0]  # said once already: step 8
     assert done in messages[0]
     assert os.path.isdir(tmp_path / 'checkpoints' / '8') == read_only
   assert len(os.listdir(tmp_path / 'corrupt_checkpoints')) == 1
