@@ -85,6 +85,7 @@ class Checkpoints:
 
   def restore(self, step, like):
     """The state saved at `step`, placed with the shardings of `like`."""
+    _drop_reports_of_abandoned_reads()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -96,6 +97,7 @@ class Checkpoints:
     Reads only metadata, so a checkpoint of another model is reported as such
     instead of failing deep inside orbax (or being mistaken for a corrupt one).
     """
+    _drop_reports_of_abandoned_reads()
     saved = _shapes(self._manager.item_metadata(step)['state'].tree)
     wanted = _shapes(flax.serialization.to_state_dict(like))
     if saved != wanted:
@@ -115,7 +117,6 @@ class Checkpoints:
     except UserError:
       raise
     except Exception as e:
-      _drop_reports_of_abandoned_reads()
       raise UserError(f'checkpoint at step {step} cannot be restored: {_reason(e)}') from None
 
   def restore_latest(self, like, report):
@@ -131,7 +132,6 @@ class Checkpoints:
       except UserError:
         raise  # a readable checkpoint of another model: the user's mistake, not corruption
       except Exception as e:
-        _drop_reports_of_abandoned_reads()
         done = ('left it in place (only training moves checkpoints)' if self.read_only
                 else f'moved it to {self._quarantine(step)}')
         report(f'checkpoint at step {step} is unreadable ({_reason(e)}); {done} and trying '
@@ -164,15 +164,16 @@ class Checkpoints:
 def _drop_reports_of_abandoned_reads():
   """Keeps a failed restore to its one line.
 
-  Orbax runs a restore in an event loop of its own and closes that loop as soon as one read
-  fails, with tensorstore's other reads of the checkpoint still in flight and orbax's
-  coroutines that await them left unfinished. Each read that finishes afterwards calls the
-  closed loop's call_soon_threadsafe from tensorstore's thread (RuntimeError('Event loop is
-  closed')), and each coroutine, closed when collected, raises orbax's 'Encountered error
-  while reading array index': Python prints every one as an unraisable exception, a dozen
-  tracebacks or more under the one line that says the checkpoint is unreadable. Nothing waits
-  for those reads. This chains a sys.unraisablehook (once) that drops exactly those reports
-  and passes every other to the hook that was there.
+  Called before each read of a checkpoint. Orbax runs a restore in an event loop of its own
+  and closes that loop as soon as one read fails, with tensorstore's other reads still in
+  flight and orbax's coroutines that await them unfinished. Each read that finishes later
+  calls the closed loop's call_soon_threadsafe from tensorstore's thread (RuntimeError('Event
+  loop is closed')), and each coroutine, closed when collected, raises orbax's 'Encountered
+  error while reading array index': Python prints every one as an unraisable exception, a
+  dozen tracebacks or more under the one line that says the checkpoint is unreadable. Nothing
+  waits for those reads. This chains a sys.unraisablehook (once) that drops exactly those
+  reports and passes every other to the hook that was there; before the read, not after its
+  failure, because the first reports can come while orbax's exception is on its way to us.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_abandoned_reads', False):
