@@ -94,7 +94,7 @@ class TfdsSource:
     try:
       n = self.builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
-      raise UserError(f'bad split {split!r} for {self.name}: {e}') from None
+      raise UserError(f'bad split {split!r} for {self.name}: {first_line(e)}') from None
     return _not_empty(n, split, self.name)
 
   def load(self, split, limit=None):
@@ -104,7 +104,7 @@ class TfdsSource:
     try:
       ds = self.builder.as_dataset(split=split, shuffle_files=False)
     except ValueError as e:
-      raise UserError(f'bad split {split!r} for {self.name}: {e}') from None
+      raise UserError(f'bad split {split!r} for {self.name}: {first_line(e)}') from None
     if limit is not None:
       ds = ds.take(limit)
     ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=tf.data.AUTOTUNE)

@@ -60,6 +60,8 @@ def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
     (['--config.seed=-1'], 'bad config: seed must be >= 0, got -1'),
     (['--config.eval_split=test[5:3]'], "bad split 'test[5:3]' for cifar10: it holds no "
                                         "examples"),
+    (['--config.eval_split=test[:10%%]'], "bad split 'test[:10%%]' for cifar10: Error parsing "
+                                          "split 'test[:10%%]'"),  # TFDS's text has 2 lines
     (['--config.augment.crop_size=-3'], 'bad config: augment.crop_size must be >= 0'),
     (['--config.bench.steps=0'], 'bad config: bench.steps must be positive, got 0'),
     (['--config.optimizer=adamw'], "bad config: optimizer='adamw' is not one of sgd, momentum"),
