@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 
 import flax.serialization
 import jax
@@ -174,6 +175,8 @@ def _drop_reports_of_abandoned_reads():
   waits for those reads. This chains a sys.unraisablehook (once) that drops exactly those
   reports and passes every other to the hook that was there; before the read, not after its
   failure, because the first reports can come while orbax's exception is on its way to us.
+  Also ignored: Python's warning that one of orbax's coroutines was never awaited (one made
+  but not started when its loop closed; seen once).
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_abandoned_reads', False):
@@ -185,9 +188,24 @@ def _drop_reports_of_abandoned_reads():
 
   hook.drops_abandoned_reads = True
   sys.unraisablehook = hook
+  names = '|'.join(map(re.escape, _orbax_coroutine_names()))
+  warnings.filterwarnings('ignore', f"coroutine '({names})' was never awaited", RuntimeWarning)
 
 
 _ORBAX_CODE = os.path.dirname(ocp.__file__)
+
+
+def _orbax_coroutine_names():
+  """The qualified names of the coroutine functions (and methods) orbax's modules define."""
+  names = set()
+  for module_name, module in list(sys.modules.items()):
+    if module is None or not module_name.startswith('orbax.'):
+      continue
+    for value in list(vars(module).values()):
+      for f in list(vars(value).values()) if inspect.isclass(value) else [value]:
+        if inspect.iscoroutinefunction(f) and getattr(f, '__module__', None) == module_name:
+          names.add(f.__qualname__)
+  return sorted(names)
 
 
 def _is_abandoned_read(unraisable):

@@ -51,7 +51,9 @@ def test_eight_devices_train_like_one(runs):
     rates = re.findall(r'^step \d, loss = \S+ \((\S+) examples/sec; (\S+) sec/batch\)', out, re.M)
     assert len(rates) == 4
     for examples_per_sec, sec_per_batch in rates:
-      assert float(examples_per_sec) == pytest.approx(32 / float(sec_per_batch), rel=0.05)
+      # sec/batch is printed to the millisecond (the seeds' %.3f), a batch here takes a few: the
+      # batch time the rate gives rounds to it (a 5% match failed at 7.4 ms, printed 0.007).
+      assert 32 / float(examples_per_sec) == pytest.approx(float(sec_per_batch), abs=0.0005001)
   # Saved on 8 devices, restored on 1.
   a, b = restore(one, 4), restore(eight, 4)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
