@@ -174,7 +174,7 @@ def test_the_reads_a_corrupt_checkpoint_leaves_behind_print_no_tracebacks(tmp_pa
   trainer = loop.Trainer(tiny(), for_training=False)
   with warnings.catch_warnings(record=True) as warned:
     warnings.simplefilter('always')
-    for _ in range(5):  # before the mend: 8 to 24 tracebacks a restore on this machine
+    for _ in range(5):  # before the mend: 5 to 16 reports a restore on the Zen 5
       ckpt = checkpoint.Checkpoints(str(tmp_path), 3, read_only=True)
       assert ckpt.restore_latest(trainer.state, report=lambda message: None)[0] == 4
       ckpt.close()
