@@ -11,6 +11,7 @@ Protocol: the child prints 'ready <json>' once warmed up, then for each 'go N' l
 stdin runs N steps, waits for the last, and prints the seconds per step.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -89,15 +90,16 @@ def per_recipe_and_path(script, recipes, paths, sides, steps, rounds, own_caches
   for recipe in recipes:
     for path in paths:
       children = {}
-      for side in sides:
-        env = {**os.environ, 'CNNJAX_CPU_KERNELS': path}
-        if own_caches:
-          env['CNNJAX_KERNEL_CACHE'] = os.path.join(tempfile.mkdtemp(prefix='kernel_cache_'),
-                                                    'choices.json')
-        children[side] = Child([script, '--child', f'{recipe}:{side}'], env=env)
-      times = alternate(children, steps, rounds)
-      for child in children.values():
-        child.close()
+      with contextlib.ExitStack() as caches:  # own_caches: removed once the children end
+        for side in sides:
+          env = {**os.environ, 'CNNJAX_CPU_KERNELS': path}
+          if own_caches:
+            env['CNNJAX_KERNEL_CACHE'] = os.path.join(caches.enter_context(
+                tempfile.TemporaryDirectory(prefix='kernel_cache_')), 'choices.json')
+          children[side] = Child([script, '--child', f'{recipe}:{side}'], env=env)
+        times = alternate(children, steps, rounds)
+        for child in children.values():
+          child.close()
       yield (recipe, path, {side: statistics.median(t) * 1e3 for side, t in times.items()},
              {side: [t * 1e3 for t in ts] for side, ts in times.items()},
              {side: child.info for side, child in children.items()})

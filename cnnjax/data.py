@@ -107,7 +107,10 @@ class TfdsSource:
       raise UserError(f'bad split {split!r} for {self.name}: {first_line(e)}') from None
     if limit is not None:
       ds = ds.take(limit)
-    ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=tf.data.AUTOTUNE)
+    # Not converted by autograph, which would write the function's source to a file in the
+    # temp folder and leave it there when the process ends at once (run.py's leave()).
+    pair = tf.autograph.experimental.do_not_convert(lambda ex: (ex['image'], ex['label']))
+    ds = ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE)
     images, labels = [], []
     try:
       for x, y in ds.batch(4096).prefetch(2).as_numpy_iterator():

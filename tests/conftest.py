@@ -1,5 +1,7 @@
+import atexit
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,9 +18,12 @@ if os.environ.get('TFDS_DATA_DIR'):  # absolute: some tests run in another direc
   os.environ['TFDS_DATA_DIR'] = os.path.abspath(os.environ['TFDS_DATA_DIR'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The CPU kernel choices (cnnjax/kernel_choice.py) of this session, shared with the runs it
-# starts: measured afresh, never the user's ~/.cache.
-os.environ.setdefault('CNNJAX_KERNEL_CACHE', os.path.join(
-    tempfile.mkdtemp(prefix='cnnjax-test-kernels-'), 'kernel_choices.json'))
+# starts: measured afresh, never the user's ~/.cache; removed when the process that made it
+# ends (each pytest-xdist worker makes its own).
+if 'CNNJAX_KERNEL_CACHE' not in os.environ:
+  _KERNEL_CACHE_DIR = tempfile.mkdtemp(prefix='cnnjax-test-kernels-')
+  atexit.register(shutil.rmtree, _KERNEL_CACHE_DIR, ignore_errors=True)
+  os.environ['CNNJAX_KERNEL_CACHE'] = os.path.join(_KERNEL_CACHE_DIR, 'kernel_choices.json')
 
 
 @pytest.fixture(scope='session')
