@@ -91,11 +91,14 @@ def _measured_or_cached(op, impls, onednn, xla, shapes, machine):
   entry = cache.get(machine, op)
   if entry is None:
     times = _measure(onednn, xla, shapes)
-    entry = {'path': 'onednn' if times['onednn'] <= times['xla'] else 'xla',
-             'onednn_ms': round(times['onednn'] * 1e3, 3), 'xla_ms': round(times['xla'] * 1e3, 3),
-             'measured': datetime.datetime.now().isoformat(timespec='seconds')}
-    stored = cache.put(machine, op, entry)
-    how = 'measured now' + ('' if stored else f', not cached: {cache.error}')
+    mine = {'path': 'onednn' if times['onednn'] <= times['xla'] else 'xla',
+            'onednn_ms': round(times['onednn'] * 1e3, 3), 'xla_ms': round(times['xla'] * 1e3, 3),
+            'measured': datetime.datetime.now().isoformat(timespec='seconds')}
+    stored = cache.put(machine, op, mine)
+    how = ('measured now' if stored is mine else
+           f'measured now, not cached: {cache.error}' if stored is None else
+           f'measured {stored["measured"]} by another run, which stored it first')
+    entry = stored or mine
   else:
     how = f'measured {entry["measured"]}'
   return Decision(op, entry['path'], f'forward + backward: oneDNN {entry["onednn_ms"]:.2f} ms, '
@@ -155,21 +158,25 @@ class Cache:
     return self._read().get(machine, {}).get(op)
 
   def put(self, machine, op, entry):
-    """Stores the entry; False (with .error) where the file cannot be written."""
+    """The entry the file holds for `op` once this returns: `entry`, stored, or the one another
+    process stored while this one measured (the first stored stays, so every run that takes
+    its decision from the file, a resumed one too, computes with the same arithmetic as the
+    run that measured it); None (with .error) where the file cannot be written."""
     try:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
       with self._locked():
         data = self._read()
-        data.setdefault(machine, {})[op] = entry
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
-                                   prefix='.kernel_choices.')
-        with os.fdopen(fd, 'w') as f:
-          json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
-      return True
+        stored = data.setdefault(machine, {}).setdefault(op, entry)
+        if stored is entry:
+          fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
+                                     prefix='.kernel_choices.')
+          with os.fdopen(fd, 'w') as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+          os.replace(tmp, self.path)
+      return stored
     except OSError as e:
       self.error = f'{self.path}: {e.strerror or e}'
-      return False
+      return None
 
   @contextlib.contextmanager
   def _locked(self):

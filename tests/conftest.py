@@ -17,9 +17,9 @@ if 'TFDS_DATA_DIR' not in os.environ and SHARED_DATA.is_dir():
 if os.environ.get('TFDS_DATA_DIR'):  # absolute: some tests run in another directory
   os.environ['TFDS_DATA_DIR'] = os.path.abspath(os.environ['TFDS_DATA_DIR'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# The CPU kernel choices (cnnjax/kernel_choice.py) of this session, shared with the runs it
-# starts: measured afresh, never the user's ~/.cache; removed when the process that made it
-# ends (each pytest-xdist worker makes its own).
+# The CPU kernel choices (cnnjax/kernel_choice.py) of this session, shared with its
+# pytest-xdist workers and the runs they start: measured afresh, never the user's ~/.cache;
+# removed when the process that made it ends.
 if 'CNNJAX_KERNEL_CACHE' not in os.environ:
   _KERNEL_CACHE_DIR = tempfile.mkdtemp(prefix='cnnjax-test-kernels-')
   atexit.register(shutil.rmtree, _KERNEL_CACHE_DIR, ignore_errors=True)

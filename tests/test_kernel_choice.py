@@ -85,6 +85,24 @@ def test_a_decision_is_read_back_from_the_cache_by_the_same_machine_only(fresh, 
   assert set(json.loads(fresh.read_text())) == {MACHINE, 'another machine'}
 
 
+def test_an_op_two_runs_measure_at_once_takes_the_choice_stored_first_in_both(fresh, monkeypatch):
+  # Otherwise the run that measured would compute with its own choice while the file, and so
+  # a resume of that run, held the other's: the resume would not be bit for bit.
+  theirs = {'path': 'xla', 'onednn_ms': 2.0, 'xla_ms': 1.0, 'measured': '2026-12-07T16:00:00'}
+  measure = kernel_choice._measure
+
+  def measure_while_another_run_stores(*args):
+    times = measure(*args)
+    kernel_choice.Cache(str(fresh)).put(MACHINE, 'op', dict(theirs))
+    return times
+  monkeypatch.setattr(kernel_choice, '_measure', measure_while_another_run_stores)
+  d = decide('op', onednn=fast, xla=slow)  # this run measures oneDNN as the faster
+  assert d.path == 'xla' and 'by another run' in d.why
+  assert json.loads(fresh.read_text())[MACHINE]['op'] == theirs
+  monkeypatch.setattr(kernel_choice, '_made', {})  # a resume: a new process
+  assert decide('op', onednn=never_called, xla=never_called).path == 'xla'
+
+
 def test_an_unwritable_cache_still_decides_and_says_so(monkeypatch, tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('')
