@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import augment, data, workdir as workdir_lib
+from cnnjax import augment, workdir as workdir_lib
 from cnnjax.predict import Predictor
 
 

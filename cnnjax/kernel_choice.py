@@ -10,7 +10,9 @@ using it is traced, in this order:
    on this machine, measured once and kept in a cache file keyed by the machine (CPU
    model, cores, oneDNN's ISA and version, XLA's ISA cap, jaxlib), where the next run
    on the same kind of machine finds it: CNNJAX_KERNEL_CACHE, else
-   $XDG_CACHE_HOME/cnnjax/kernel_choices.json (~/.cache/...).
+   $XDG_CACHE_HOME/cnnjax/kernel_choices.json (~/.cache/...). A run's own record of its
+   choices (recorded_in: the workdir's) comes first: a resume computes as the run did on
+   any machine of the same kind, one with an empty cache too (a near tie may time either way).
 
 In a multi-process run process 0 decides and tells the others, so that every process
 computes the same arithmetic. The decisions made are listed by kernels.describe().
@@ -38,6 +40,7 @@ class Decision:
   path: str  # 'onednn' | 'xla'
   why: str  # how it was decided, with the times where measured
   impls: tuple  # oneDNN's implementations of the op's primitives, forward first
+  entry: dict = None  # a measured choice: as cached (path, both times, when measured)
 
   def line(self):
     return (f'{self.op}: {"oneDNN" if self.path == "onednn" else "XLA"}, {self.why} '
@@ -48,6 +51,21 @@ _made = {}  # (mode, machine, op) -> Decision, in the order made, for this proce
 # Measurements and broadcasts run in a thread of their own: a jitted function is being
 # traced when a decision is needed, and a computation cannot run inside that trace.
 _worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='cnnjax-kernel-choice')
+_record = None  # the Cache of the run's own choices, while recorded_in() holds
+_recorded = set()  # (record path, machine, op) put there by this process
+
+
+@contextlib.contextmanager
+def recorded_in(path, write=True):
+  """Measured choices come first from the record at `path` (a run's own, in its workdir),
+  then from the cache or a measurement; with `write`, each one this process computes with
+  is added to the record (the first stored stays). Process 0's record, in a multi-process run."""
+  global _record
+  previous, _record = _record, Cache(path, write)
+  try:
+    yield
+  finally:
+    _record = previous
 
 
 def made(mode):
@@ -64,7 +82,12 @@ def decide(op, mode, impls, onednn, xla, shapes, machine):
   key = (mode, machine, op)
   if key not in _made:
     _made[key] = _decide(op, mode, impls, onednn, xla, shapes, machine)
-  return _made[key]
+  decision, record = _made[key], _record
+  if (record is not None and record.write and decision.entry is not None
+      and (record.path, machine, op) not in _recorded and jax.process_index() == 0):
+    record.put(machine, op, decision.entry)  # an unwritable record: the run goes on without
+    _recorded.add((record.path, machine, op))
+  return decision
 
 
 def _decide(op, mode, impls, onednn, xla, shapes, machine):
@@ -88,8 +111,11 @@ def _agreed(op, impls, onednn, xla, shapes, machine):
 
 def _measured_or_cached(op, impls, onednn, xla, shapes, machine):
   cache = Cache(cache_path())
-  entry = cache.get(machine, op)
-  if entry is None:
+  recorded = _record.get(machine, op) if _record is not None else None
+  entry = recorded or cache.get(machine, op)
+  if recorded:
+    how = f"the run's own, measured {entry['measured']}"
+  elif entry is None:
     times = _measure(onednn, xla, shapes)
     mine = {'path': 'onednn' if times['onednn'] <= times['xla'] else 'xla',
             'onednn_ms': round(times['onednn'] * 1e3, 3), 'xla_ms': round(times['xla'] * 1e3, 3),
@@ -102,7 +128,7 @@ def _measured_or_cached(op, impls, onednn, xla, shapes, machine):
   else:
     how = f'measured {entry["measured"]}'
   return Decision(op, entry['path'], f'forward + backward: oneDNN {entry["onednn_ms"]:.2f} ms, '
-                                     f'XLA {entry["xla_ms"]:.2f} ms ({how})', tuple(impls))
+                                     f'XLA {entry["xla_ms"]:.2f} ms ({how})', tuple(impls), entry)
 
 
 def _fwd_bwd(fn):
@@ -143,8 +169,8 @@ def cache_path():
 class Cache:
   """A JSON file {machine key: {op: entry}}; writers merge under a lock, replace atomically."""
 
-  def __init__(self, path):
-    self.path, self.error = path, None
+  def __init__(self, path, write=True):
+    self.path, self.write, self.error = path, write, None
 
   def _read(self):
     try:

@@ -9,8 +9,8 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import (checkpoint, config as config_lib, data, feed, kernels, models, parallel,
-                    plots, state as state_lib, train, workdir as workdir_lib)
+from cnnjax import (checkpoint, config as config_lib, data, feed, kernel_choice, kernels, models,
+                    parallel, plots, state as state_lib, train, workdir as workdir_lib)
 from cnnjax.errors import UserError
 from cnnjax.report import Reporter, log
 
@@ -118,7 +118,9 @@ def train_and_evaluate(config, workdir):
   """
   workdir_lib.prepare(workdir)
   with workdir_lib.held(workdir):  # before anything in it is read or written
-    return _train_in(config, workdir)
+    # The CPU kernels this run chose, kept with it: a resume computes as it did.
+    with kernel_choice.recorded_in(workdir_lib.kernel_choices(workdir)):
+      return _train_in(config, workdir)
 
 
 def _train_in(config, workdir):
@@ -166,6 +168,12 @@ def evaluate_checkpoint(config, workdir, step=None):
   ckpt_dir = workdir_lib.checkpoints_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
+  # The run's CPU kernel choices (read only): its evaluations' arithmetic.
+  with kernel_choice.recorded_in(workdir_lib.kernel_choices(workdir), write=False):
+    return _evaluate_in(config, workdir, ckpt_dir, step)
+
+
+def _evaluate_in(config, workdir, ckpt_dir, step):
   trainer = Trainer(config, for_training=False)
   trainer.describe()
   ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)

@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from cnnjax.errors import UserError
-
 
 def make_mesh(devices=None):
   """A 1-D mesh over every device of every process (or over `devices`), axis 'batch'. It

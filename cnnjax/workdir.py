@@ -1,6 +1,6 @@
 """A run's workdir and the files in it: config.json, the checkpoints directory, the lock
 that keeps a second run out, the check that a config can resume what is there.
-(metrics.jsonl: report.py.)
+(metrics.jsonl: report.py; kernel_choices.json: kernel_choice.py.)
 """
 import contextlib
 import fcntl
@@ -16,10 +16,15 @@ from cnnjax.errors import UserError, first_line
 CONFIG_FILE = 'config.json'
 CHECKPOINTS = 'checkpoints'
 LOCK_FILE = '.lock'
+KERNEL_CHOICES = 'kernel_choices.json'  # the run's own CPU kernel choices (kernel_choice.py)
 
 
 def checkpoints_dir(workdir):
   return os.path.join(workdir, CHECKPOINTS)
+
+
+def kernel_choices(workdir):
+  return os.path.join(workdir, KERNEL_CHOICES)
 
 
 def make_writable(folder, what):

@@ -2,6 +2,7 @@
 import errno
 import gc
 import inspect
+import json
 import os
 import pathlib
 import re
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.serialization import serialization
 
-from cnnjax import checkpoint, loop, workdir as workdir_lib
+from cnnjax import checkpoint, kernels, loop, workdir as workdir_lib
 from cnnjax.errors import UserError
 from tests.conftest import SMALL_RUN, as_flags, assert_same_state, restore, run_py, small_config
 
@@ -276,8 +277,8 @@ def test_a_workdir_that_cannot_be_locked_is_said_and_still_trained_in(tmp_path, 
 
 # --- as a user's process experiences it ---------------------------------------------
 
-def start(workdir, *args):
-  return run_py('--workdir', str(workdir), *as_flags(TINY), *args, wait=False)
+def start(workdir, *args, env=None):
+  return run_py('--workdir', str(workdir), *as_flags(TINY), *args, env=env, wait=False)
 
 
 def wait_for_line(proc, pattern, timeout=300):
@@ -340,6 +341,26 @@ def test_signal_finishes_the_step_checkpoints_and_exits_0(tmp_path, sig):
   assert f'resumed from the checkpoint at step {step}' in outputs[0][0]
   assert_same_state(saved_state(tmp_path / 'run', step + 2),
                     saved_state(tmp_path / 'whole', step + 2))
+
+
+@pytest.mark.skipif(not kernels.available(), reason='without oneDNN every op runs on XLA: no '
+                    'choice to record')
+def test_a_resume_whose_cache_chose_other_kernels_computes_as_the_run_did(tmp_path, reference):
+  # A resume on a fresh machine of the same kind (a preempted VM's successor) measures the CPU
+  # kernels again, and a near tie may time the other way: here every measured choice in its
+  # cache is the other path. The run's own record of its choices, in its workdir, comes first.
+  loop.train_and_evaluate(tiny(num_train_steps=4), str(tmp_path / 'run'))
+  record = json.loads((tmp_path / 'run' / workdir_lib.KERNEL_CHOICES).read_text())
+  other = {machine: {op: dict(entry, path='xla' if entry['path'] == 'onednn' else 'onednn')
+                     for op, entry in ops.items()} for machine, ops in record.items()}
+  assert sum(map(len, other.values())) >= 3  # Recipe A's convolutions and pools at least
+  (tmp_path / 'cache.json').write_text(json.dumps(other))
+  resumed = start(tmp_path / 'run', '--config.num_train_steps=8', env={
+      'CNNJAX_KERNEL_CACHE': str(tmp_path / 'cache.json'), 'CNNJAX_CPU_KERNELS': 'auto'})
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err
+  assert "the run's own" in out and 'measured now' not in out
+  assert_same_state(saved_state(tmp_path / 'run', 8), reference)
 
 
 def test_kill_9_at_any_moment_never_breaks_the_next_run(tmp_path, reference):

@@ -103,6 +103,31 @@ def test_an_op_two_runs_measure_at_once_takes_the_choice_stored_first_in_both(fr
   assert decide('op', onednn=never_called, xla=never_called).path == 'xla'
 
 
+def test_a_runs_own_record_comes_before_the_cache_and_holds_what_the_run_computed_with(
+    fresh, tmp_path, monkeypatch):
+  record = tmp_path / 'workdir_choices.json'
+  with kernel_choice.recorded_in(str(record)):
+    assert decide('op', onednn=fast, xla=slow).path == 'onednn'  # measured, then stored
+  assert json.loads(record.read_text()) == json.loads(fresh.read_text())
+  # A resume on a machine of the same kind whose cache holds the other choice.
+  fresh.write_text(json.dumps({MACHINE: {'op': dict(
+      json.loads(fresh.read_text())[MACHINE]['op'], path='xla')}}))
+  for write in (False, True):  # eval mode reads the record; training also adds to it
+    monkeypatch.setattr(kernel_choice, '_made', {})  # a new process
+    with kernel_choice.recorded_in(str(record), write=write):
+      d = decide('op', onednn=never_called, xla=never_called)
+      assert d.path == 'onednn' and "the run's own" in d.why
+  monkeypatch.setattr(kernel_choice, '_made', {})
+  assert decide('op', onednn=never_called, xla=never_called).path == 'xla'  # no record: cache's
+  # A decision this process made before the record was taken up is added to it as made.
+  with kernel_choice.recorded_in(str(tmp_path / 'another_run.json')):
+    decide('op', onednn=never_called, xla=never_called)
+  assert json.loads((tmp_path / 'another_run.json').read_text())[MACHINE]['op']['path'] == 'xla'
+  with kernel_choice.recorded_in(str(tmp_path / 'read_only.json'), write=False):
+    decide('op', onednn=never_called, xla=never_called)
+  assert not (tmp_path / 'read_only.json').exists()
+
+
 def test_an_unwritable_cache_still_decides_and_says_so(monkeypatch, tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('')
