@@ -51,7 +51,7 @@ _made = {}  # (mode, machine, op) -> Decision, in the order made, for this proce
 # Measurements and broadcasts run in a thread of their own: a jitted function is being
 # traced when a decision is needed, and a computation cannot run inside that trace.
 _worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='cnnjax-kernel-choice')
-_record = None  # the Cache of the run's own choices, while recorded_in() holds
+_record = None  # (the Cache of the run's own choices, whether to add to it): recorded_in()
 _recorded = set()  # (record path, machine, op) put there by this process
 
 
@@ -59,9 +59,10 @@ _recorded = set()  # (record path, machine, op) put there by this process
 def recorded_in(path, write=True):
   """Measured choices come first from the record at `path` (a run's own, in its workdir),
   then from the cache or a measurement; with `write`, each one this process computes with
-  is added to the record (the first stored stays). Process 0's record, in a multi-process run."""
+  is added to the record (the first stored stays). Process 0's record, in a multi-process run.
+  The record has no lock file of its own: its one writer is the run that holds the workdir."""
   global _record
-  previous, _record = _record, Cache(path, write)
+  previous, _record = _record, (Cache(path, locked=False), write)
   try:
     yield
   finally:
@@ -82,9 +83,10 @@ def decide(op, mode, impls, onednn, xla, shapes, machine):
   key = (mode, machine, op)
   if key not in _made:
     _made[key] = _decide(op, mode, impls, onednn, xla, shapes, machine)
-  decision, record = _made[key], _record
-  if (record is not None and record.write and decision.entry is not None
-      and (record.path, machine, op) not in _recorded and jax.process_index() == 0):
+  decision = _made[key]
+  record, write = _record or (None, False)
+  if (write and decision.entry is not None and (record.path, machine, op) not in _recorded
+      and jax.process_index() == 0):
     record.put(machine, op, decision.entry)  # an unwritable record: the run goes on without
     _recorded.add((record.path, machine, op))
   return decision
@@ -111,7 +113,7 @@ def _agreed(op, impls, onednn, xla, shapes, machine):
 
 def _measured_or_cached(op, impls, onednn, xla, shapes, machine):
   cache = Cache(cache_path())
-  recorded = _record.get(machine, op) if _record is not None else None
+  recorded = _record[0].get(machine, op) if _record is not None else None
   entry = recorded or cache.get(machine, op)
   if recorded:
     how = f"the run's own, measured {entry['measured']}"
@@ -167,10 +169,11 @@ def cache_path():
 
 
 class Cache:
-  """A JSON file {machine key: {op: entry}}; writers merge under a lock, replace atomically."""
+  """A JSON file {machine key: {op: entry}}; writers merge under a lock (PATH.lock, where
+  `locked`: several runs share a cache) and replace the file atomically."""
 
-  def __init__(self, path, write=True):
-    self.path, self.write, self.error = path, write, None
+  def __init__(self, path, locked=True):
+    self.path, self.locked, self.error = path, locked, None
 
   def _read(self):
     try:
@@ -188,17 +191,21 @@ class Cache:
     process stored while this one measured (the first stored stays, so every run that takes
     its decision from the file, a resumed one too, computes with the same arithmetic as the
     run that measured it); None (with .error) where the file cannot be written."""
+    folder = os.path.dirname(os.path.abspath(self.path))
     try:
-      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      os.makedirs(folder, exist_ok=True)
       with self._locked():
         data = self._read()
         stored = data.setdefault(machine, {}).setdefault(op, entry)
         if stored is entry:
-          fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
-                                     prefix='.kernel_choices.')
-          with os.fdopen(fd, 'w') as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-          os.replace(tmp, self.path)
+          fd, tmp = tempfile.mkstemp(dir=folder, prefix='.kernel_choices.')
+          try:
+            with os.fdopen(fd, 'w') as f:
+              json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+          except OSError:  # a full disk: no half-written file left beside it
+            os.unlink(tmp)
+            raise
       return stored
     except OSError as e:
       self.error = f'{self.path}: {e.strerror or e}'
@@ -206,6 +213,9 @@ class Cache:
 
   @contextlib.contextmanager
   def _locked(self):
+    if not self.locked:
+      yield
+      return
     import fcntl
     with open(self.path + '.lock', 'w') as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)

@@ -105,10 +105,11 @@ def test_an_op_two_runs_measure_at_once_takes_the_choice_stored_first_in_both(fr
 
 def test_a_runs_own_record_comes_before_the_cache_and_holds_what_the_run_computed_with(
     fresh, tmp_path, monkeypatch):
-  record = tmp_path / 'workdir_choices.json'
+  record = tmp_path / 'workdir' / 'kernel_choices.json'
   with kernel_choice.recorded_in(str(record)):
     assert decide('op', onednn=fast, xla=slow).path == 'onednn'  # measured, then stored
   assert json.loads(record.read_text()) == json.loads(fresh.read_text())
+  assert os.listdir(record.parent) == [record.name]  # no lock file: the workdir's lock serves
   # A resume on a machine of the same kind whose cache holds the other choice.
   fresh.write_text(json.dumps({MACHINE: {'op': dict(
       json.loads(fresh.read_text())[MACHINE]['op'], path='xla')}}))
@@ -126,6 +127,21 @@ def test_a_runs_own_record_comes_before_the_cache_and_holds_what_the_run_compute
   with kernel_choice.recorded_in(str(tmp_path / 'read_only.json'), write=False):
     decide('op', onednn=never_called, xla=never_called)
   assert not (tmp_path / 'read_only.json').exists()
+
+
+def test_a_cache_the_disk_cannot_take_stays_whole_and_leaves_no_temp_file(fresh, monkeypatch):
+  theirs = {'path': 'xla', 'onednn_ms': 2.0, 'xla_ms': 1.0, 'measured': '2026-12-07T16:00:00'}
+  fresh.write_text(json.dumps({'another machine': {'op': theirs}}))
+  before = fresh.read_text()
+
+  def disk_full(data, f, **kwargs):
+    f.write('{"half')
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(kernel_choice.json, 'dump', disk_full)
+  d = decide('op')
+  assert d.path == 'onednn' and 'not cached' in d.why and 'No space left' in d.why
+  assert fresh.read_text() == before
+  assert sorted(os.listdir(fresh.parent)) == ['choices.json', 'choices.json.lock']
 
 
 def test_an_unwritable_cache_still_decides_and_says_so(monkeypatch, tmp_path):
