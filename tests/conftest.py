@@ -26,6 +26,16 @@ if 'CNNJAX_KERNEL_CACHE' not in os.environ:
   os.environ['CNNJAX_KERNEL_CACHE'] = os.path.join(_KERNEL_CACHE_DIR, 'kernel_choices.json')
 
 
+@pytest.fixture(autouse=True)
+def _temp_files_kept_with_the_test(tmp_path_factory, monkeypatch):
+  """What a test and the processes it starts put in the temp directory goes in one of its
+  own (pytest prunes old ones), not the machine's /tmp: TFDS leaves a folder there each time
+  it builds a dataset that is not prepared (its DatasetInfo.initialize_from_bucket)."""
+  temp = str(tmp_path_factory.mktemp('temp'))
+  monkeypatch.setattr(tempfile, 'tempdir', temp)
+  monkeypatch.setenv('TMPDIR', temp)
+
+
 @pytest.fixture(scope='session')
 def tf():
   import tensorflow
