@@ -168,6 +168,13 @@ def cache_path():
   return os.path.join(base, 'cnnjax', 'kernel_choices.json')
 
 
+def _well_formed(entry):
+  """An entry as _measured_or_cached stores it."""
+  return (isinstance(entry, dict) and entry.get('path') in PATHS
+          and all(isinstance(entry.get(k), (int, float)) for k in ('onednn_ms', 'xla_ms'))
+          and isinstance(entry.get('measured'), str))
+
+
 class Cache:
   """A JSON file {machine key: {op: entry}}; writers merge under a lock (PATH.lock, where
   `locked`: several runs share a cache) and replace the file atomically."""
@@ -183,8 +190,14 @@ class Cache:
     except (OSError, ValueError):
       return {}  # absent, unreadable or torn: measure again
 
+  @staticmethod
+  def _entries(data, machine):
+    entries = data.get(machine)
+    return entries if isinstance(entries, dict) else {}
+
   def get(self, machine, op):
-    return self._read().get(machine, {}).get(op)
+    entry = self._entries(self._read(), machine).get(op)
+    return entry if _well_formed(entry) else None  # a hand edit, another version: measure
 
   def put(self, machine, op, entry):
     """The entry the file holds for `op` once this returns: `entry`, stored, or the one another
@@ -196,7 +209,10 @@ class Cache:
       os.makedirs(folder, exist_ok=True)
       with self._locked():
         data = self._read()
-        stored = data.setdefault(machine, {}).setdefault(op, entry)
+        entries = data[machine] = self._entries(data, machine)
+        if not _well_formed(entries.get(op)):
+          entries[op] = entry
+        stored = entries[op]
         if stored is entry:
           fd, tmp = tempfile.mkstemp(dir=folder, prefix='.kernel_choices.')
           try:

@@ -129,6 +129,20 @@ def test_a_runs_own_record_comes_before_the_cache_and_holds_what_the_run_compute
   assert not (tmp_path / 'read_only.json').exists()
 
 
+@pytest.mark.parametrize('held', [
+    {'op': 'xla'}, {'op': {'path': 'gpu', 'onednn_ms': 1.0, 'xla_ms': 2.0, 'measured': 'x'}},
+    {'op': {'path': 'xla', 'xla_ms': 2.0, 'measured': 'x'}}, ['op']],
+    ids=['a string', 'an unknown path', 'no time', 'a list'])
+def test_a_cache_entry_not_as_stored_is_measured_again_and_replaced(fresh, held):
+  # A hand edit, or an entry written by another version of cnnjax: not a decision.
+  other = {'path': 'xla', 'onednn_ms': 2.0, 'xla_ms': 1.0, 'measured': '2026-12-07T16:00:00'}
+  fresh.write_text(json.dumps({MACHINE: held, 'another machine': {'op': other}}))
+  d = decide('op')
+  assert d.path == 'onednn' and 'measured now' in d.why
+  stored = json.loads(fresh.read_text())
+  assert stored[MACHINE]['op'] == d.entry and stored['another machine'] == {'op': other}
+
+
 def test_a_cache_the_disk_cannot_take_stays_whole_and_leaves_no_temp_file(fresh, monkeypatch):
   theirs = {'path': 'xla', 'onednn_ms': 2.0, 'xla_ms': 1.0, 'measured': '2026-12-07T16:00:00'}
   fresh.write_text(json.dumps({'another machine': {'op': theirs}}))
