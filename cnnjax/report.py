@@ -27,19 +27,33 @@ def log(message):
     print(message, flush=True)
 
 
+# What each kind of record must hold to be read back (plots, TensorBoard, a resume).
+READ_FIELDS = {'train': ('step', 'loss', 'learning_rate', 'examples_per_sec', 'wall_time'),
+               'eval': ('step', 'precision', 'count', 'loss', 'wall_time')}
+
+
 def read_metrics(workdir):
-  """The records of workdir/metrics.jsonl ([] if none); a torn last line is skipped."""
+  """The records of workdir/metrics.jsonl ([] if none). A line that is not one is skipped:
+  torn by a kill -9 in the middle of a write, or edited by hand (a resume drops it)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   records = []
-  with open(path) as f:
+  with open(path, errors='replace') as f:  # bytes that are not UTF-8: a line not parsed
     for line in f:
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError:
-        pass  # a kill -9 in the middle of a write
+        continue
+      if _is_record(record):
+        records.append(record)
   return records
+
+
+def _is_record(r):
+  return isinstance(r, dict) and r.get('kind') in READ_FIELDS and all(
+      isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+      for k in READ_FIELDS[r['kind']])
 
 
 def covered(record, step):

@@ -121,6 +121,26 @@ def test_plots_at_the_end_and_in_plot_mode(trained, tmp_path):
       2, f"error: plots folder '{copy}/plots' is not writable: {copy}/plots is a file\n")
 
 
+def test_lines_of_metrics_jsonl_that_are_not_records_are_skipped_by_plot_mode_and_resume(
+    trained, tmp_path):
+  workdir, _ = trained
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  lines = (copy / 'metrics.jsonl').read_bytes().splitlines(keepends=True)
+  records = [json.loads(line) for line in lines]
+  not_records = [b'[1, 2]\n', b'{"step": 2, "loss": 1.0}\n', b'{"kind": "eval", "step": 3}\n',
+                 b'{"kind": "train", "step": "4", "loss": 1.0, "learning_rate": 0.1, '
+                 b'"examples_per_sec": 1.0, "wall_time": 0}\n', b'\xff\xfe edited\n', b'null\n']
+  (copy / 'metrics.jsonl').write_bytes(
+      b''.join(lines[:1] + not_records + lines[1:]) + b'{"kind": "tra')  # and a torn last line
+  assert report.read_metrics(copy) == records
+  result = run('--mode=plot', '--workdir', str(copy), config=None)
+  assert result.returncode == 0 and not result.stderr, result.stderr
+  assert (copy / 'plots' / 'loss.png').exists()
+  report.Reporter(str(copy), start_step=6).close()  # a resume from the checkpoint at step 6
+  assert history(copy)[2] == records
+
+
 def restored_state(workdir):
   trainer = loop.Trainer(workdir_lib.load_saved_config(str(workdir)), for_training=False)
   ckpt = checkpoint.Checkpoints(str(workdir), 3, read_only=True)
