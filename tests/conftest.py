@@ -26,6 +26,24 @@ if 'CNNJAX_KERNEL_CACHE' not in os.environ:
   os.environ['CNNJAX_KERNEL_CACHE'] = os.path.join(_KERNEL_CACHE_DIR, 'kernel_choices.json')
 
 
+# The variables that choose what the code under test computes and where it reads and writes.
+WATCHED_ENV = ('CNNJAX_', 'ONEDNN_', 'XLA_', 'JAX_', 'TFDS_', 'TMPDIR')
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_found():
+  """A test that leaves one of those changed fails: every test after it in the same worker
+  would run in another environment than it says (an ISA cap left set once changed the
+  CPU kernels of a later resume test's subprocesses)."""
+  def watched():
+    return {k: v for k, v in os.environ.items() if k.startswith(WATCHED_ENV)}
+  before = watched()
+  yield
+  after = watched()
+  changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+  assert not changed, f'the test left these environment variables changed: {changed}'
+
+
 @pytest.fixture(autouse=True)
 def _temp_files_kept_with_the_test(tmp_path_factory, monkeypatch):
   """What a test and the processes it starts put in the temp directory goes in one of its
@@ -49,6 +67,15 @@ def cpu_kernels(request):
   from cnnjax import kernels
   with kernels.using(request.param):
     yield request.param
+
+
+def unset_env(monkeypatch, *names):
+  """Unsets environment variables for one test. Each is as it was again afterwards, even
+  where the code under test sets it: monkeypatch.delenv of an unset variable records
+  nothing to undo, and a variable set later would stay for every test after it."""
+  for name in names:
+    monkeypatch.setenv(name, '')
+    monkeypatch.delenv(name)
 
 
 def one_kernel_path():

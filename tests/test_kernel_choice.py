@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cnnjax import bench, cpu, kernel_choice, kernels, ops
-from tests.conftest import ROOT, recipe_config, small_config
+from tests.conftest import ROOT, recipe_config, small_config, unset_env
 
 MACHINE = 'test machine'
 
@@ -214,7 +214,7 @@ def test_a_faster_xla_formulation_keys_the_cache_anew(monkeypatch):
 
 
 def test_cap_isa_sets_both_libraries_caps(monkeypatch):
-  monkeypatch.delenv('ONEDNN_MAX_CPU_ISA', raising=False)
+  unset_env(monkeypatch, 'ONEDNN_MAX_CPU_ISA')  # cap_isa sets it: the tests after keep none
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX')
   cpu.cap_isa_from_argv(['run.py', '--isa', 'avx2'])
   assert os.environ['ONEDNN_MAX_CPU_ISA'] == 'AVX2'

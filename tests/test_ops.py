@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnjax import kernels, ops
-from tests.conftest import EIGHT, ROOT
+from tests.conftest import EIGHT, ROOT, unset_env
 
 LRN_RECIPES = {
     'recipe_a': dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75),
@@ -162,8 +162,7 @@ def test_no_xla_cpu_flag_where_a_gpu_plugin_is_installed_or_another_platform_ask
 
 
 def test_the_xla_cpu_flag_only_where_the_installed_jaxlib_knows_it(monkeypatch):
-  monkeypatch.delenv('XLA_FLAGS', raising=False)
-  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  unset_env(monkeypatch, 'XLA_FLAGS', 'JAX_PLATFORMS')  # the code under test sets XLA_FLAGS
   assert kernels.jaxlib_knows((b'xla_force_host_platform_device_count',))  # the tests use it
   assert not kernels.jaxlib_knows((b'xla_cpu_no_such_flag_in_any_jaxlib',))
   if kernels.jaxlib_knows(kernels.YNN_FLAG_NEEDS):
