@@ -112,8 +112,8 @@ def _agreed(op, impls, onednn, xla, shapes, machine):
 
 
 def _measured_or_cached(op, impls, onednn, xla, shapes, machine):
-  cache = Cache(cache_path())
-  recorded = _record[0].get(machine, op) if _record is not None else None
+  cache, (record, _) = Cache(cache_path()), _record or (None, False)
+  recorded = record.get(machine, op) if record else None
   entry = recorded or cache.get(machine, op)
   if recorded:
     how = f"the run's own, measured {entry['measured']}"
