@@ -80,6 +80,7 @@ SAVED_CONFIG_MODES = ('eval', 'predict')
 
 
 def parse_flags(argv):
+  argv = _home_expanded(argv)
   try:
     return flags.FLAGS(_with_saved_config(argv))
   except Exception as e:
@@ -88,6 +89,25 @@ def parse_flags(argv):
 
 
 HELP_FLAGS = {'-?', '--help', '--helpshort', '--helpfull', '--helpxml'}  # absl's
+PATH_FLAGS = ('config', 'workdir', 'out', 'images')  # images: a comma-separated list
+
+
+def _home_expanded(argv):
+  """argv with a leading ~ of a path flag's value expanded, as the shell expands a word of
+  its own but not one after --flag=: --workdir=~/runs/lrn is the home folder's runs/lrn,
+  not a folder named '~' in the current one."""
+  def expanded(name, value):
+    if name == 'images':
+      return ','.join(os.path.expanduser(path) for path in value.split(','))
+    return os.path.expanduser(value)
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    for name in PATH_FLAGS:
+      if arg.startswith(f'--{name}='):
+        argv[i] = f'--{name}=' + expanded(name, arg.split('=', 1)[1])
+      elif arg == f'--{name}' and i + 1 < len(argv):
+        argv[i + 1] = expanded(name, argv[i + 1])
+  return argv
 
 
 def _with_saved_config(argv):
@@ -138,6 +158,9 @@ def _flag_error(argv, e):
   raised = _raised_by_config_file(e)
   if raised is not None:
     return f'cannot load config file {_flag_value(argv, "config")!r}: {typed_line(raised)}'
+  if isinstance(e, OSError) and _UNREADABLE_CONFIG.search(str(e)):
+    # Said here where an override was given (applying it reads the file), else in load_config.
+    return f'cannot load config file {_flag_value(argv, "config")!r}: {_reason(e)}'
   if isinstance(e, (flags.Error, ValueError, TypeError)):
     return first_line(e)
   return f'cannot load the config: {typed_line(e)}'  # what else ml_collections may raise
@@ -171,6 +194,17 @@ def _raised_by_config_file(e):
       return e.__context__
     e = e.__context__
   return None
+
+
+# ml_collections' words for a config file it could not read (its OSError holds the file's own).
+_UNREADABLE_CONFIG = re.compile('Failed loading config file|Configuration is not available')
+
+
+def _reason(e):
+  """The file's own reason ('No such file or directory') in ml_collections' OSError."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  said = re.search(r'\[Errno \d+\] ([^:]+)', str(e))
+  return said.group(1) if said else lines[-1] if lines else type(e).__name__
 
 
 def _join_to_fail(argv):
@@ -221,11 +255,8 @@ def load_config():
     fail(f'config file {name!r}: get_config() returned None (no return statement?)')
   try:
     config.keys()  # ml_collections defers a file it could not read to here: it raises now
-  except OSError as e:  # the file's own OSError inside ml_collections' words: its reason alone
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    said = re.search(r'\[Errno \d+\] ([^:]+)', str(e))
-    fail(f'cannot load config file {name!r}: '
-         f'{said.group(1) if said else lines[-1] if lines else type(e).__name__}')
+  except OSError as e:
+    fail(f'cannot load config file {name!r}: {_reason(e)}')
   except Exception:  # noqa: BLE001  (not a mapping: said below)
     pass
   fail(f'config file {name!r}: get_config() returned a value of type {type(config).__name__}, '

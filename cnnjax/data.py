@@ -39,7 +39,8 @@ def _not_empty(n, split, name):
 def _builder(name, data_dir):
   import tensorflow_datasets as tfds
   try:
-    return tfds.builder(name, data_dir=data_dir)
+    # TFDS expands ~ in TFDS_DATA_DIR but not in the data_dir it is given.
+    return tfds.builder(name, data_dir=data_dir and os.path.expanduser(data_dir))
   except tfds.core.registered.DatasetNotFoundError as e:
     raise UserError(f'unknown dataset {name!r}: {first_line(e)}') from None
 

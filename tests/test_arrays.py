@@ -1,4 +1,5 @@
 """Arrays files (run.py --mode=export): the data source of machines without TensorFlow."""
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +42,18 @@ def test_export_writes_the_tfds_splits_exactly(exported):
     assert a.images.dtype == np.uint8 and a.labels.dtype == np.int32
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_dataset_and_data_dir_paths_may_start_with_a_tilde(exported, monkeypatch, tmp_path):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  (tmp_path / 'data.npz').symlink_to(exported)
+  (tmp_path / 'tfds').symlink_to(os.environ['TFDS_DATA_DIR'])
+  arrays = data.info('~/data.npz')
+  np.testing.assert_array_equal(arrays.load('test').images,
+                                data.info(str(exported)).load('test').images)
+  from_home = data.info('cifar10', data_dir='~/tfds', download=False)  # else not prepared
+  assert from_home.builder.data_dir == data.info('cifar10').builder.data_dir.replace(
+      os.environ['TFDS_DATA_DIR'], str(tmp_path / 'tfds'))
 
 
 @pytest.mark.parametrize('split,rows', [

@@ -265,9 +265,11 @@ def test_a_workdir_in_use_refuses_a_second_run_and_is_free_once_its_holder_is_ki
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
   for given, reason in (('configs/nope.py', 'No such file or directory'),
                         ('configs', 'Is a directory')):
-    missing = run_py('--workdir', str(tmp_path), config=given)
-    assert missing.returncode == 2
-    assert missing.stderr.strip() == f"error: cannot load config file '{given}': {reason}"
+    # With an override, ml_collections reads the file while parsing it: the same line.
+    for overrides in ([], ['--config.batch_size=64']):
+      missing = run_py('--workdir', str(tmp_path), *overrides, config=given)
+      assert missing.returncode == 2
+      assert missing.stderr.strip() == f"error: cannot load config file '{given}': {reason}"
   no_get_config = tmp_path / 'recipe.py'
   no_get_config.write_text('batch_size = 128\n')
   for given in (['--config', str(no_get_config)], [f'--config={no_get_config}']):
@@ -287,6 +289,26 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
   assert unwritable.returncode == 2
   assert unwritable.stderr.strip() == \
       f"error: workdir '{blocker / 'sub'}' is not writable: {blocker} is a file"
+
+
+def test_a_path_flag_after_equals_expands_a_leading_tilde_as_the_shell_would(tmp_path):
+  """The shell leaves the ~ of --workdir=~/runs as it is: cnnjax expands it (predict's
+  --images: tests/test_usage.py), so no folder named '~' is made where the run starts."""
+  home = {'HOME': str(tmp_path)}
+  (tmp_path / 'file').write_text('')
+  result = run_py('--config=~/nope.py', '--workdir=~/w', '--config.seed=1', config=None, env=home)
+  assert result.returncode == 2
+  assert result.stderr.strip() == \
+      f"error: cannot load config file '{tmp_path / 'nope.py'}': No such file or directory"
+  result = run('--workdir=~/file/sub', env=home)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f"error: workdir '{tmp_path / 'file' / 'sub'}' is not "
+                                   f"writable: {tmp_path / 'file'} is a file")
+  result = run('--mode=export', '--out=~/file/x.npz', env=home)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f"error: --out '{tmp_path / 'file' / 'x.npz'}' is not "
+                                   f"writable: {tmp_path / 'file'} is a file")
+  assert not (ROOT / '~').exists()
 
 
 @pytest.mark.parametrize('source, error', [

@@ -194,6 +194,18 @@ def test_predict_gives_the_eval_steps_classes(trained, tmp_path):
       f'{path}: {shown(top)}' for path, top in zip(paths, mirrored)]
 
 
+def test_predict_takes_workdir_and_images_after_equals_with_a_leading_tilde(trained, tmp_path):
+  (tmp_path / 'run').symlink_to(trained[0])
+  for i, image in enumerate(data.info('cifar10').load('test[:2]').images):
+    Image.fromarray(image).save(tmp_path / f'{i}.png')
+  result = run('--mode=predict', '--workdir=~/run', '--images=~/0.png,~/1.png', config=None,
+               env={'HOME': str(tmp_path)})
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()[-2:]
+  assert [line.split(':')[0] for line in lines] == [str(tmp_path / f'{i}.png') for i in (0, 1)]
+  assert not (ROOT / '~').exists()
+
+
 def test_predict_runs_in_eval_batches_and_gets_what_one_batch_gets(trained):
   images = data.info('cifar10').load('test[:7]').images
   whole = predict.Predictor(str(trained[0])).probabilities(images)
