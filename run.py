@@ -151,6 +151,19 @@ def _flag_error(argv, e):
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
     key, _, hint = str(e.args[0] if e.args else e).partition('\n')
+    # An override into a value that has no fields: the config itself (get_config() returned
+    # None, say) or one of its fields (--config.batch_size.foo).
+    into = re.search(r"Attribute <class '([\w.]+)'>\.(\w+) does not exist and the type does "
+                     r'not support indexing\. Attempting to lookup: (\S+)', key)
+    if into:
+      type_name, missing, path = into.groups()
+      names = path.split('.')
+      where = len(names) - 1 - names[::-1].index(missing) if missing in names else 0
+      if where == 0:
+        return _not_a_config_dict(_flag_value(argv, 'config'), type_name)
+      what = 'None' if type_name == 'NoneType' else f'of type {type_name}'
+      return (f"unknown config field 'config.{path}' (config.{'.'.join(names[:where])} is "
+              f'{what}, which has no fields)')
     near = re.search(r'Did you mean "([^"]+)"', hint)
     return (f'unknown config field {_override_named(argv, key.strip(chr(34) + chr(39)))!r} '
             + (f'(did you mean {near.group(1)!r}?; ' if near else '(')
@@ -251,16 +264,22 @@ def load_config():
   config = _CONFIG.value
   if isinstance(config, ml_collections.ConfigDict):
     return config
-  if config is None:
-    fail(f'config file {name!r}: get_config() returned None (no return statement?)')
-  try:
-    config.keys()  # ml_collections defers a file it could not read to here: it raises now
-  except OSError as e:
-    fail(f'cannot load config file {name!r}: {_reason(e)}')
-  except Exception:  # noqa: BLE001  (not a mapping: said below)
-    pass
-  fail(f'config file {name!r}: get_config() returned a value of type {type(config).__name__}, '
-       'not a ConfigDict (configs/*.py start from cnnjax.config.base_config())')
+  if config is not None:
+    try:
+      config.keys()  # ml_collections defers a file it could not read to here: it raises now
+    except OSError as e:
+      fail(f'cannot load config file {name!r}: {_reason(e)}')
+    except Exception:  # noqa: BLE001  (not a mapping: said below)
+      pass
+  fail(_not_a_config_dict(name, type(config).__name__))
+
+
+def _not_a_config_dict(name, type_name):
+  """What a config file whose get_config() returned a value of type `type_name` is told."""
+  if type_name == 'NoneType':
+    return f'config file {name!r}: get_config() returned None (no return statement?)'
+  return (f'config file {name!r}: get_config() returned a value of type {type_name}, not a '
+          'ConfigDict (configs/*.py start from cnnjax.config.base_config())')
 
 
 # A process silent this long is taken as dead and the coordination service ends the run

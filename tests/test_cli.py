@@ -55,6 +55,9 @@ def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
                                "'batch_size'?;"),
     (['--config.augment.flipp=0'], "unknown config field 'config.augment.flipp' (did you "
                                    "mean 'flip'?;"),
+    (['--config.augment.brightness.max=1'], "unknown config field 'config.augment.brightness."
+                                            "max' (config.augment.brightness is of type float, "
+                                            'which has no fields)'),
     (['--config.dataset=cifar11'], "unknown dataset 'cifar11'"),
     (['--config.model=resnet9000'], "bad config: model='resnet9000'"),
     (['--config.seed=-1'], 'bad config: seed must be >= 0, got -1'),
@@ -339,13 +342,17 @@ def test_a_config_file_that_raises_is_one_line_naming_its_line(tmp_path, source,
     ('None', 'returned None (no return statement?)'),
     ("{'batch_size': 64}", 'returned a value of type dict, not a ConfigDict (configs/*.py '
                            'start from cnnjax.config.base_config())'),
+    ('7', 'returned a value of type int, not a ConfigDict (configs/*.py start from '
+          'cnnjax.config.base_config())'),
 ])
 def test_a_config_file_that_returns_no_config_is_one_line(tmp_path, returned, error):
   config = tmp_path / 'recipe.py'
   config.write_text(f'def get_config():\n  return {returned}\n')
-  result = run_py('--workdir', str(tmp_path / 'w'), config=str(config))
-  assert result.returncode == 2
-  assert result.stderr.strip() == f"error: config file '{config}': get_config() {error}"
+  # With an override too: applying it to what get_config() returned fails first.
+  for overrides in ([], ['--config.batch_size=64']):
+    result = run_py('--workdir', str(tmp_path / 'w'), *overrides, config=str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: config file '{config}': get_config() {error}"
 
 
 def test_without_the_onednn_extension_runs_on_xla_and_says_so(tmp_path):
