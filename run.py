@@ -146,28 +146,7 @@ def _flag_error(argv, e):
   if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
     return f'config file {_flag_value(argv, "config")!r} defines no get_config()'
   if isinstance(e, (KeyError, AttributeError)):
-    # ml_collections reports an override of a field the config lacks this way: a KeyError
-    # (inside an AttributeError) of "'key'", then a line 'Did you mean "near" ...' if any.
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    key, _, hint = str(e.args[0] if e.args else e).partition('\n')
-    # An override into a value that has no fields: the config itself (get_config() returned
-    # None, say) or one of its fields (--config.batch_size.foo).
-    into = re.search(r"Attribute <class '([\w.]+)'>\.(\w+) does not exist and the type does "
-                     r'not support indexing\. Attempting to lookup: (\S+)', key)
-    if into:
-      type_name, missing, path = into.groups()
-      names = path.split('.')
-      where = len(names) - 1 - names[::-1].index(missing) if missing in names else 0
-      if where == 0:
-        return _not_a_config_dict(_flag_value(argv, 'config'), type_name)
-      what = 'None' if type_name == 'NoneType' else f'of type {type_name}'
-      return (f"unknown config field 'config.{path}' (config.{'.'.join(names[:where])} is "
-              f'{what}, which has no fields)')
-    near = re.search(r'Did you mean "([^"]+)"', hint)
-    return (f'unknown config field {_override_named(argv, key.strip(chr(34) + chr(39)))!r} '
-            + (f'(did you mean {near.group(1)!r}?; ' if near else '(')
-            + 'fields: cnnjax/config.py and the config file)')
+    return _unknown_field(argv, e)
   raised = _raised_by_config_file(e)
   if raised is not None:
     return f'cannot load config file {_flag_value(argv, "config")!r}: {typed_line(raised)}'
@@ -177,6 +156,32 @@ def _flag_error(argv, e):
   if isinstance(e, (flags.Error, ValueError, TypeError)):
     return first_line(e)
   return f'cannot load the config: {typed_line(e)}'  # what else ml_collections may raise
+
+
+def _unknown_field(argv, e):
+  """The line for an override ml_collections cannot apply. It reports one of a field the
+  config lacks as a KeyError (inside an AttributeError) of "'key'", then a line 'Did you
+  mean "near" ...' if any."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  key, _, hint = str(e.args[0] if e.args else e).partition('\n')
+  # An override into a value that has no fields: the config itself (get_config() returned
+  # None, say) or one of its fields (--config.batch_size.foo).
+  into = re.search(r"Attribute <class '([\w.]+)'>\.(\w+) does not exist and the type does "
+                   r'not support indexing\. Attempting to lookup: (\S+)', key)
+  if into:
+    type_name, missing, path = into.groups()
+    names = path.split('.')
+    where = len(names) - 1 - names[::-1].index(missing) if missing in names else 0
+    if where == 0:
+      return _not_a_config_dict(_flag_value(argv, 'config'), type_name)
+    what = 'None' if type_name == 'NoneType' else f'of type {type_name}'
+    return (f"unknown config field 'config.{path}' (config.{'.'.join(names[:where])} is "
+            f'{what}, which has no fields)')
+  near = re.search(r'Did you mean "([^"]+)"', hint)
+  return (f'unknown config field {_override_named(argv, key.strip(chr(34) + chr(39)))!r} '
+          + (f'(did you mean {near.group(1)!r}?; ' if near else '(')
+          + 'fields: cnnjax/config.py and the config file)')
 
 
 def _raised_in_config_file(argv, e):
