@@ -139,6 +139,7 @@ def _train_in(config, workdir):
             f'{config.num_train_steps}; evaluating it (a larger --config.num_train_steps '
             f'trains on)')
     workdir_lib.write_config(config, workdir)
+    workdir_lib.write_dataset(config, trainer.source, workdir)
     reporter = Reporter(workdir, start or 0, config.num_train_steps, config.progress)
     try:
       with StopSignals() as stop:

@@ -40,17 +40,14 @@ class Predictor:
 
   def __init__(self, workdir, config=None):
     config = config or workdir_lib.require_saved_config(workdir)
-    self.source = data.info(config.dataset, config.data_dir, config.download)
-    shape = self.source.image_shape
-    self.size, self.channels = tuple(shape[:2]), shape[2]
+    spec, self.names = _dataset(config, workdir)
+    self.size, self.channels = tuple(spec.image_shape[:2]), spec.image_shape[2]
     if None in self.size:
       raise UserError(f'{config.dataset} has images of varying size; predict needs a fixed one')
-    self.names = self.source.class_names
     self.batch_size = config.eval_batch_size
     if not os.path.isdir(workdir_lib.checkpoints_dir(workdir)):
       raise UserError(f'no checkpoints in {workdir}: train first, or point --workdir at a run')
-    run = state_lib.build(config, state_lib.DataSpec.of(self.source, config.train_split),
-                          parallel.make_mesh(), initial=False)
+    run = state_lib.build(config, spec, parallel.make_mesh(), initial=False)
     ckpt = checkpoint.Checkpoints(workdir, config.keep_checkpoints, read_only=True)
     try:
       self.step, self.state = ckpt.restore_latest(run.state, report=log)
@@ -83,6 +80,18 @@ class Predictor:
     probs = self.probabilities(images)
     order = np.argsort(-probs, axis=1, kind='stable')[:, :k]
     return [[(self.names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+
+
+def _dataset(config, workdir):
+  """(DataSpec, class names) of the run's dataset: from the workdir's dataset.json, which
+  the run wrote, so no data is read or downloaded; else (a run from before that file, or a
+  config of another dataset) from the dataset itself."""
+  saved = workdir_lib.saved_dataset(config, workdir)
+  if saved:
+    names = saved['class_names']
+    return state_lib.DataSpec(len(names), tuple(saved['image_shape']), saved['num_train']), names
+  source = data.info(config.dataset, config.data_dir, config.download)
+  return state_lib.DataSpec.of(source, config.train_split), source.class_names
 
 
 def predict(workdir, paths, k=3, config=None):

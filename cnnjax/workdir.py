@@ -1,5 +1,5 @@
-"""A run's workdir and the files in it: config.json, the checkpoints directory, the lock
-that keeps a second run out, the check that a config can resume what is there.
+"""A run's workdir and the files in it: config.json, dataset.json, the checkpoints directory,
+the lock that keeps a second run out, the check that a config can resume what is there.
 (metrics.jsonl: report.py; kernel_choices.json: kernel_choice.py.)
 """
 import contextlib
@@ -14,6 +14,7 @@ from cnnjax import config as config_lib, report
 from cnnjax.errors import UserError, first_line
 
 CONFIG_FILE = 'config.json'
+DATASET_FILE = 'dataset.json'  # what predict needs of the run's dataset
 CHECKPOINTS = 'checkpoints'
 LOCK_FILE = '.lock'
 KERNEL_CHOICES = 'kernel_choices.json'  # the run's own CPU kernel choices (kernel_choice.py)
@@ -148,9 +149,36 @@ def check_resumable(config, workdir):
 
 
 def write_config(config, workdir):
-  """Writes config.json atomically: a kill never leaves a half-written one."""
+  """Writes config.json."""
+  _write_whole(os.path.join(workdir, CONFIG_FILE),
+               config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def write_dataset(config, source, workdir):
+  """Writes dataset.json: what predict needs of the run's dataset (a data.Source), so that
+  it classifies images where the dataset is not (another machine, one without TFDS)."""
+  _write_whole(os.path.join(workdir, DATASET_FILE), json.dumps({
+      'dataset': config.dataset, 'train_split': config.train_split,
+      'class_names': list(source.class_names), 'image_shape': list(source.image_shape),
+      'num_train': source.num_examples(config.train_split)}, indent=2))
+
+
+def saved_dataset(config, workdir):
+  """dataset.json's description where it is of config's dataset and train split, else None
+  (absent: a run from before the file existed; unreadable; another dataset)."""
+  try:
+    with open(os.path.join(workdir, DATASET_FILE)) as f:
+      saved = json.load(f)
+    if (saved['dataset'], saved['train_split']) == (config.dataset, config.train_split):
+      return {k: saved[k] for k in ('class_names', 'image_shape', 'num_train')}
+  except (OSError, ValueError, TypeError, KeyError):
+    pass
+  return None
+
+
+def _write_whole(path, text):
+  """Process 0 writes the file atomically: a kill never leaves a half-written one."""
   if jax.process_index() == 0:
-    path = os.path.join(workdir, CONFIG_FILE)
     with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      f.write(text)
     os.replace(path + '.tmp', path)

@@ -100,6 +100,16 @@ def as_flags(overrides):
 # Eight CPU devices for a subprocess (tests of data parallelism without a GPU).
 EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 
+# run.py with TensorFlow and TFDS unimportable, as on a GPU image that has neither:
+# `python -c WITHOUT_TF ARGS` from the project root.
+WITHOUT_TF = '''
+import runpy, sys
+for name in ('tensorflow', 'tensorflow_datasets'):
+  sys.modules[name] = None  # `import` raises ImportError
+sys.argv = ['run.py', *sys.argv[1:]]
+runpy.run_path('run.py', run_name='__main__')
+'''
+
 # The small real slices the command-line tests train on (each test adds its step counts).
 SMALL_RUN = dict(train_split='train[:256]', eval_split='test[:100]', eval_batch_size=64)
 

@@ -9,16 +9,7 @@ import pytest
 
 from cnnjax import data
 from cnnjax.errors import UserError
-from tests.conftest import ROOT, run_py
-
-# run.py with TensorFlow and TFDS unimportable, as on a GPU image that has neither.
-WITHOUT_TF = '''
-import runpy, sys
-for name in ('tensorflow', 'tensorflow_datasets'):
-  sys.modules[name] = None  # `import` raises ImportError
-sys.argv = ['run.py', *sys.argv[1:]]
-runpy.run_path('run.py', run_name='__main__')
-'''
+from tests.conftest import ROOT, WITHOUT_TF, run_py
 
 
 @pytest.fixture(scope='module')

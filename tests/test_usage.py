@@ -19,7 +19,7 @@ from PIL import Image
 
 from cnnjax import bench, checkpoint, data, loop, predict, report, train, workdir as workdir_lib
 from cnnjax.errors import UserError
-from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py, small_config
+from tests.conftest import ROOT, SMALL_RUN, WITHOUT_TF, as_flags, run_py, small_config
 
 SMALL = dict(SMALL_RUN, batch_size=64, log_every=2, eval_every=3, checkpoint_every=4)
 run = run_py
@@ -192,6 +192,38 @@ def test_predict_gives_the_eval_steps_classes(trained, tmp_path):
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip().splitlines()[-2:] == [
       f'{path}: {shown(top)}' for path, top in zip(paths, mirrored)]
+
+
+def test_predict_needs_the_workdir_alone_not_the_dataset(trained, tmp_path):
+  """The run's dataset.json holds what predict needs of the dataset: with TensorFlow and
+  TFDS unimportable and no data anywhere it classifies as with them. A workdir without the
+  file (a run from before it) reads the dataset instead."""
+  workdir = trained[0]
+  config, source = workdir_lib.load_saved_config(str(workdir)), data.info('cifar10')
+  with open(workdir / 'dataset.json') as f:
+    assert json.load(f) == {
+        'dataset': config.dataset, 'train_split': config.train_split,
+        'class_names': source.class_names, 'image_shape': list(source.image_shape),
+        'num_train': source.num_examples(config.train_split)}
+  paths = [str(tmp_path / f'{i}.png') for i in range(3)]
+  for path, image in zip(paths, source.load('test[:3]').images):
+    Image.fromarray(image).save(path)
+  args = ['--mode=predict', '--workdir', str(workdir), '--images', *paths]
+  with_data = run(*args, config=None)
+  assert with_data.returncode == 0, with_data.stderr
+  nowhere = tmp_path / 'no_data'
+  without = subprocess.run([sys.executable, '-c', WITHOUT_TF, *args], cwd=ROOT, timeout=600,
+                           capture_output=True, text=True,
+                           env={**os.environ, 'TFDS_DATA_DIR': str(nowhere)})
+  assert without.returncode == 0, without.stderr[-3000:]
+  lines = lambda result: result.stdout.strip().splitlines()[-3:]
+  assert lines(without) == lines(with_data) and lines(with_data)[0].startswith(f'{paths[0]}: ')
+  assert not nowhere.exists()
+
+  older = tmp_path / 'older'
+  shutil.copytree(workdir, older)
+  os.remove(older / 'dataset.json')
+  assert predict.predict(str(older), paths) == predict.predict(str(workdir), paths)
 
 
 def test_predict_takes_workdir_and_images_after_equals_with_a_leading_tilde(trained, tmp_path):
