@@ -169,10 +169,10 @@ def _unknown_field(argv, e):
   # None, say) or one of its fields (--config.batch_size.foo).
   into = re.search(r"Attribute <class '([\w.]+)'>\.(\w+) does not exist and the type does "
                    r'not support indexing\. Attempting to lookup: (\S+)', key)
-  if into:
-    type_name, missing, path = into.groups()
-    names = path.split('.')
-    where = len(names) - 1 - names[::-1].index(missing) if missing in names else 0
+  type_name, missing, path = into.groups() if into else (None, None, '')
+  names = path.split('.')
+  if missing in names:
+    where = len(names) - 1 - names[::-1].index(missing)  # its last mention: where it failed
     if where == 0:
       return _not_a_config_dict(_flag_value(argv, 'config'), type_name)
     what = 'None' if type_name == 'NoneType' else f'of type {type_name}'
