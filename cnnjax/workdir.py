@@ -165,15 +165,25 @@ def write_dataset(config, source, workdir):
 
 def saved_dataset(config, workdir):
   """dataset.json's description where it is of config's dataset and train split, else None
-  (absent: a run from before the file existed; unreadable; another dataset)."""
+  (absent: a run from before the file existed; torn, or not as written: a hand edit; another
+  dataset): the caller reads the dataset itself then."""
   try:
     with open(os.path.join(workdir, DATASET_FILE)) as f:
       saved = json.load(f)
-    if (saved['dataset'], saved['train_split']) == (config.dataset, config.train_split):
+    names, (height, width, channels) = saved['class_names'], saved['image_shape']
+    well_formed = (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+                   and all(_positive_int(v) for v in (channels, saved['num_train']))
+                   and all(v is None or _positive_int(v) for v in (height, width)))
+    if well_formed and (saved['dataset'], saved['train_split']) == (config.dataset,
+                                                                   config.train_split):
       return {k: saved[k] for k in ('class_names', 'image_shape', 'num_train')}
   except (OSError, ValueError, TypeError, KeyError):
     pass
   return None
+
+
+def _positive_int(value):
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _write_whole(path, text):

@@ -226,6 +226,34 @@ def test_predict_needs_the_workdir_alone_not_the_dataset(trained, tmp_path):
   assert predict.predict(str(older), paths) == predict.predict(str(workdir), paths)
 
 
+DATASET_EDITS = {  # of dataset.json as the run wrote it (a dict), or of its text
+    'torn': lambda text: text[:len(text) // 2],
+    'a list': lambda d: [d],
+    'names in a string': lambda d: {**d, 'class_names': ' '.join(d['class_names'])},
+    'a 2-d shape': lambda d: {**d, 'image_shape': d['image_shape'][:2]},
+    'a shape of strings': lambda d: {**d, 'image_shape': [str(v) for v in d['image_shape']]},
+    'no train examples': lambda d: {**d, 'num_train': 0},
+    'a missing field': lambda d: {k: v for k, v in d.items() if k != 'class_names'},
+    'another dataset': lambda d: {**d, 'dataset': 'mnist'},
+    'another train split': lambda d: {**d, 'train_split': 'train'},
+}
+
+
+@pytest.mark.parametrize('edit', DATASET_EDITS)
+def test_a_dataset_json_not_as_written_or_of_another_split_is_not_used(tmp_path, edit):
+  config = small_config()
+  source = data.info(config.dataset)
+  workdir_lib.write_dataset(config, source, str(tmp_path))
+  assert workdir_lib.saved_dataset(config, str(tmp_path)) == {
+      'class_names': source.class_names, 'image_shape': list(source.image_shape),
+      'num_train': source.num_examples(config.train_split)}
+  path = tmp_path / 'dataset.json'
+  text = path.read_text()
+  path.write_text(DATASET_EDITS[edit](text) if edit == 'torn' else
+                  json.dumps(DATASET_EDITS[edit](json.loads(text))))
+  assert workdir_lib.saved_dataset(config, str(tmp_path)) is None  # predict reads the data
+
+
 def test_predict_takes_workdir_and_images_after_equals_with_a_leading_tilde(trained, tmp_path):
   (tmp_path / 'run').symlink_to(trained[0])
   for i, image in enumerate(data.info('cifar10').load('test[:2]').images):
