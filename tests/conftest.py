@@ -114,20 +114,34 @@ runpy.run_path('run.py', run_name='__main__')
 SMALL_RUN = dict(train_split='train[:256]', eval_split='test[:100]', eval_batch_size=64)
 
 
-def run_py(*args, config='configs/cifar_lrn.py', env=None, wait=True, **popen):
-  """`python run.py [--config CONFIG] ARGS` from the project root, as a user runs it.
+def child_env(env=None):
+  """This process's environment with `env` applied, for a subprocess: a None value unsets
+  that variable there."""
+  return {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
 
-  env: variables to add (a None value removes one). wait=True: the finished process
-  (subprocess.run, output captured, at most 600 s); wait=False: the started one (Popen,
-  stdout and stderr piped unless `popen` says otherwise).
+
+def run_code(code, *args, env=None, timeout=600):
+  """`python -c CODE ARGS` from the project root, output captured; env as for child_env."""
+  return subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, env=child_env(env),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_py(*args, config='configs/cifar_lrn.py', env=None, without_tf=False, cwd=ROOT,
+           wait=True, **popen):
+  """`python run.py [--config CONFIG] ARGS` from the project root (or cwd), as a user runs it.
+
+  env: variables to add (a None value removes one). without_tf: with TensorFlow and TFDS
+  unimportable (WITHOUT_TF). wait=True: the finished process (subprocess.run, output
+  captured, at most 600 s); wait=False: the started one (Popen, stdout and stderr piped
+  unless `popen` says otherwise).
   """
-  command = [sys.executable, 'run.py', *(['--config', config] if config else []), *args]
-  env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+  command = [sys.executable, *(['-c', WITHOUT_TF] if without_tf else ['run.py']),
+             *(['--config', config] if config else []), *args]
   if wait:
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(command, cwd=cwd, env=child_env(env), capture_output=True,
+                          text=True, timeout=600)
   popen = {'stdout': subprocess.PIPE, 'stderr': subprocess.PIPE, **popen}
-  return subprocess.Popen(command, cwd=ROOT, env=env, text=True, **popen)
+  return subprocess.Popen(command, cwd=cwd, env=child_env(env), text=True, **popen)
 
 
 def small_config(**overrides):

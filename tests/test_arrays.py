@@ -1,15 +1,13 @@
 """Arrays files (run.py --mode=export): the data source of machines without TensorFlow."""
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from cnnjax import data
 from cnnjax.errors import UserError
-from tests.conftest import ROOT, WITHOUT_TF, run_py
+from tests.conftest import run_py
 
 
 @pytest.fixture(scope='module')
@@ -94,10 +92,9 @@ def test_bad_arrays_input_is_one_line(exported, tmp_path):
 
 
 def test_trains_and_evaluates_from_an_arrays_file_without_tensorflow(exported, tmp_path):
-  command = [sys.executable, '-c', WITHOUT_TF, '--config', 'configs/cifar_lrn.py',
-             '--workdir', str(tmp_path / 'run'), f'--config.dataset={exported}',
-             '--config.num_train_steps=4', '--config.eval_every=0', '--config.log_every=2']
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  result = run_py('--workdir', str(tmp_path / 'run'), f'--config.dataset={exported}',
+                  '--config.num_train_steps=4', '--config.eval_every=0', '--config.log_every=2',
+                  without_tf=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'data: cifar10 ({exported.name}) train=400 examples, test=150 examples' in result.stdout
   assert re.search(r'^step 4: precision @ 1 = \S+ \(\d+/150\)', result.stdout, re.M)

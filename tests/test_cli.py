@@ -14,8 +14,7 @@ from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py
 SMALL = as_flags(dict(SMALL_RUN, batch_size=64, log_every=2))
 
 
-def run(*args, env=None):
-  return run_py(*args, env=env)
+run = run_py
 
 
 def test_short_run_logs_like_the_seed_evaluates_and_resumes(tmp_path):
@@ -196,8 +195,7 @@ def test_unreachable_network_fails_at_once_without_trying_to_download(tmp_path, 
 
 
 def test_eval_mode_without_a_checkpoint_is_one_line(tmp_path):
-  no_config = subprocess.run([sys.executable, 'run.py', '--mode=eval', '--workdir', str(tmp_path)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+  no_config = run('--mode=eval', '--workdir', str(tmp_path), config=None)
   assert no_config.returncode == 2
   assert no_config.stderr.strip() == f'error: no config.json in {tmp_path}: pass --config, or train there first'
   no_ckpt = run('--mode=eval', '--workdir', str(tmp_path))
@@ -276,8 +274,7 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
   no_get_config = tmp_path / 'recipe.py'
   no_get_config.write_text('batch_size = 128\n')
   for given in (['--config', str(no_get_config)], [f'--config={no_get_config}']):
-    result = subprocess.run([sys.executable, 'run.py', *given, '--workdir', str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run(*given, '--workdir', str(tmp_path), config=None)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: config file '{no_get_config}' defines no get_config()"
   # ml_collections wraps a TypeError of the call in its whole traceback: the line says the error.
@@ -361,10 +358,8 @@ def test_without_the_onednn_extension_runs_on_xla_and_says_so(tmp_path):
   for name in ('cnnjax', 'configs'):
     shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns('*.so'))
   shutil.copy(ROOT / 'run.py', tmp_path)
-  result = subprocess.run(
-      [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir',
-       str(tmp_path / 'w'), '--config.num_train_steps=2', *SMALL], cwd=tmp_path,
-      capture_output=True, text=True, timeout=600)
+  result = run('--workdir', str(tmp_path / 'w'), '--config.num_train_steps=2', *SMALL,
+               cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   kernel_lines = [l for l in result.stdout.splitlines() if l.startswith('kernels: ')]
   assert kernel_lines == ['kernels: XLA (the oneDNN extension was not built; see the install '

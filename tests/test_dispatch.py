@@ -1,17 +1,14 @@
 """Many steps per dispatch and device-resident data train exactly as one step at a time
 from host batches: same batches, same parameters, same logs, on 1 and 8 devices."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from cnnjax import checkpoint, feed, loop, optim
 from cnnjax.errors import UserError
-from tests.conftest import (EIGHT, ROOT, SMALL_RUN, as_flags, assert_same_state, recipe_config,
-                             restore, run_py, small_config)
+from tests.conftest import (EIGHT, SMALL_RUN, as_flags, assert_same_state, recipe_config,
+                             restore, run_code, run_py, small_config)
 
 # Intervals that K = 10 does not divide: groups are cut at the checkpoint and the end.
 RUN = dict(SMALL_RUN, batch_size=32, log_every=3, eval_every=0, checkpoint_every=20,
@@ -198,8 +195,7 @@ for num_shards in (1, 2, 4, 8, 16):
 
 
 def test_device_resident_data_gives_the_host_batches_on_eight_devices():
-  result = subprocess.run([sys.executable, '-c', SAME_BATCHES], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **EIGHT})
+  result = run_code(SAME_BATCHES, env=EIGHT)
   assert result.returncode == 0, result.stderr[-3000:]
   blocks = dict(line.split(' shards: same batches;') for line in result.stdout.splitlines())
   # Each device holds only the shards its rows come from.

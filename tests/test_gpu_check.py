@@ -5,15 +5,12 @@ read from the line benchmarks/torch_recipe_a.py prints."""
 import ast
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
-import sys
 import zipfile
 
 import pytest
 
-from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py
+from tests.conftest import ROOT, SMALL_RUN, as_flags, run_code, run_py
 
 
 @pytest.fixture(scope='module')
@@ -43,17 +40,15 @@ def test_install_missing_unpacks_only_the_wheels_whose_module_is_absent(
   site = tmp_path / 'site'
   gpu_check.install_missing(str(site))
   assert 'installed from the payload: cnnjax_probe_pkg\n' in capsys.readouterr().out
-  seen = subprocess.run(
-      [sys.executable, '-c', 'import cnnjax_probe_pkg, tqdm; '
-       'print(cnnjax_probe_pkg.X, hasattr(tqdm, "FROM_PAYLOAD"))'],
-      env={**os.environ, 'PYTHONPATH': str(site)}, capture_output=True, text=True)
+  seen = run_code('import cnnjax_probe_pkg, tqdm; '
+                  'print(cnnjax_probe_pkg.X, hasattr(tqdm, "FROM_PAYLOAD"))',
+                  env={'PYTHONPATH': str(site)})
   assert seen.stdout.split() == ['7', 'False'], seen.stderr
 
 
 def test_bench_ms_reads_each_runs_own_figure_from_the_bench_script(gpu_check):
   runs = [('cifar_lrn', 16, 1), ('cifar_lrn', 16, 2)]
-  result = subprocess.run([sys.executable, '-c', gpu_check.BENCH, '4', json.dumps(runs)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  result = run_code(gpu_check.BENCH, '4', json.dumps(runs))
   assert result.returncode == 0, result.stderr
   out = result.stdout + result.stderr
   printed = [float(line.split('(')[1].split(' ms')[0]) for line in out.splitlines()

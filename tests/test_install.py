@@ -4,7 +4,7 @@ import tomllib
 
 from packaging.requirements import Requirement
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_code
 
 GPU_EXTRAS = {'cuda': 'cuda12', 'cuda13': 'cuda13'}  # cnnjax's extra -> jax's
 
@@ -46,11 +46,8 @@ def test_the_extension_builds_against_the_jax_range_it_runs_with_and_flax_follow
 
 def test_loading_a_config_imports_no_jax():
   # Config files are read by scripts and tools that need no accelerator stack.
-  import subprocess
-  import sys
   code = ('import sys; from cnnjax import config; c = config.load_file("configs/cifar_lrn.py"); '
           'print(c.model, sorted(m for m in ("jax", "flax", "optax") if m in sys.modules))')
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+  result = run_code(code, timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ['cifar_lrn', '[]']

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cnnjax import bench, cpu, kernel_choice, kernels, ops
-from tests.conftest import ROOT, recipe_config, small_config, unset_env
+from tests.conftest import ROOT, recipe_config, run_code, small_config, unset_env
 
 MACHINE = 'test machine'
 
@@ -180,11 +180,8 @@ print(kernels.describe().splitlines()[-1])
 def run_choices(tmp_path, **env):
   """The machine key and the LRN's decision line of a subprocess; env: variables to set
   there, None to unset one."""
-  env = {**os.environ, 'CNNJAX_KERNEL_CACHE': str(tmp_path / 'c.json'),
-         'CNNJAX_CPU_KERNELS': 'auto', **env}
-  result = subprocess.run([sys.executable, '-c', CHOICES], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env={k: v for k, v in env.items() if v is not None})
+  result = run_code(CHOICES, env={'CNNJAX_KERNEL_CACHE': str(tmp_path / 'c.json'),
+                                  'CNNJAX_CPU_KERNELS': 'auto', **env}, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout.splitlines()
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cnnjax import checkpoint
-from tests.conftest import ROOT, as_flags, one_kernel_path, restore, run_py, small_config
+from tests.conftest import ROOT, as_flags, child_env, one_kernel_path, restore, run_py, small_config
 
 OVERRIDES = ['train_split=train[:256]', 'eval_split=test[:101]', 'batch_size=32',
              'eval_batch_size=16', 'log_every=1', 'eval_every=0', 'checkpoint_every=2',
@@ -28,8 +28,8 @@ def free_port():
 
 def start(num_processes, process_id, port, workdir, out, extra=(), recipe=False):
   """A worker process; recipe=True: `extra` names the recipe and all its overrides."""
-  env = {**os.environ, 'PYTHONPATH': str(ROOT), **one_kernel_path()}
-  env.pop('XLA_FLAGS', None)  # one CPU device per process
+  # No XLA_FLAGS: one CPU device per process.
+  env = child_env({'PYTHONPATH': str(ROOT), **one_kernel_path(), 'XLA_FLAGS': None})
   return subprocess.Popen(
       [sys.executable, 'tests/multiprocess_worker.py', f'127.0.0.1:{port}', str(num_processes),
        str(process_id), str(workdir), str(out), *([] if recipe else OVERRIDES), *extra],

@@ -1,8 +1,6 @@
 """cnnjax.ops against TensorFlow's own ops, forward and gradient; ops.bernoulli against
 jax.random.bernoulli."""
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnnjax import kernels, ops
-from tests.conftest import EIGHT, ROOT, unset_env
+from tests.conftest import EIGHT, run_code, unset_env
 
 LRN_RECIPES = {
     'recipe_a': dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75),
@@ -132,12 +130,10 @@ IMPORT_AND_PRINT_XLA_FLAGS = 'import os, cnnjax.kernels; print(os.environ.get("X
 
 
 def xla_flags_after_import(**env):
-  import subprocess
-  import sys
-  env = {k: v for k, v in {**os.environ, **env}.items()
-         if k not in ('XLA_FLAGS', 'JAX_PLATFORMS') or k in env}
-  return subprocess.run([sys.executable, '-c', IMPORT_AND_PRINT_XLA_FLAGS], capture_output=True,
-                        text=True, env=env, check=True, timeout=600).stdout.strip()
+  result = run_code(IMPORT_AND_PRINT_XLA_FLAGS, env={'XLA_FLAGS': None, 'JAX_PLATFORMS': None,
+                                                     **env})
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout.strip()
 
 
 def test_xla_convolutions_are_kept_off_ynnpack_unless_the_user_chose():
@@ -215,6 +211,5 @@ batch = NamedSharding(jax.make_mesh((8,), ('batch',)), P('batch'))
 draw = jax.jit(lambda k: ops.bernoulli(k, 0.6, shape), out_shardings=batch)
 np.testing.assert_array_equal(draw(key), jax.random.bernoulli(key, 0.6, shape))
 """
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **EIGHT})
+  result = run_code(code, env=EIGHT, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -1,8 +1,5 @@
 """Data parallelism on 8 fake CPU devices (XLA_FLAGS in a subprocess) against 1 device."""
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -10,7 +7,7 @@ import pytest
 
 from cnnjax import checkpoint, data, kernels, parallel, state as state_lib
 from tests import conftest
-from tests.conftest import EIGHT, ROOT, SMALL_RUN, as_flags, recipe_config, run_py, small_config
+from tests.conftest import EIGHT, SMALL_RUN, as_flags, recipe_config, run_code, run_py, small_config
 
 # SGD: equal gradients give equal updates (Adam would magnify float noise in tiny gradients).
 # 100 test examples in batches of 16 = 8 devices x 2: the last batch is padded and masked.
@@ -69,9 +66,7 @@ def test_sharded_evaluation_counts_exactly_and_matches_one_device(runs):
 
 def test_checkpoint_from_one_device_restores_on_eight(runs):
   one, r1 = runs['one']
-  again = subprocess.run([sys.executable, 'run.py', '--mode=eval', '--workdir', str(one)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **EIGHT, **ONE_PATH})
+  again = run_py('--mode=eval', '--workdir', str(one), config=None, env={**EIGHT, **ONE_PATH})
   assert again.returncode == 0, again.stderr
   assert re.search(r'^devices: 8 x ', again.stdout, re.M)
   assert final_eval(again.stdout) == final_eval(r1.stdout)
@@ -106,10 +101,8 @@ def test_batch_norm_and_dropout_on_eight_devices_train_like_one(tmp_path):
                             parallel.make_mesh()).state
   states = []
   for name, env in (('one', {}), ('eight', EIGHT)):
-    result = subprocess.run(
-        [sys.executable, 'run.py', '--config', 'configs/cifar_vgg16.py', '--workdir',
-         str(tmp_path / name), *as_flags(VGG)], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env={**os.environ, **env, 'CNNJAX_CPU_KERNELS': 'xla'})
+    result = run_py('--workdir', str(tmp_path / name), *as_flags(VGG),
+                    config='configs/cifar_vgg16.py', env={**env, 'CNNJAX_CPU_KERNELS': 'xla'})
     assert result.returncode == 0, result.stderr
     ckpt = checkpoint.Checkpoints(str(tmp_path / name), 3, read_only=True)
     states.append(ckpt.restore(2, initial))
@@ -155,9 +148,7 @@ def test_onednn_calls_run_per_device_on_eight_devices():
   # the whole batch onto every device. Each call must see its device's 32 / 8 = 4 images.
   if not kernels.available():
     pytest.skip(kernels.describe())
-  result = subprocess.run([sys.executable, '-c', PER_DEVICE_CHECK], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **EIGHT, 'CNNJAX_CPU_KERNELS': 'onednn'})
+  result = run_code(PER_DEVICE_CHECK, env={**EIGHT, 'CNNJAX_CPU_KERNELS': 'onednn'})
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert lines[0].startswith('oneDNN'), lines[0]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from cnnjax import bench, checkpoint, data, loop, predict, report, train, workdir as workdir_lib
 from cnnjax.errors import UserError
-from tests.conftest import ROOT, SMALL_RUN, WITHOUT_TF, as_flags, run_py, small_config
+from tests.conftest import ROOT, SMALL_RUN, as_flags, run_py, small_config
 
 SMALL = dict(SMALL_RUN, batch_size=64, log_every=2, eval_every=3, checkpoint_every=4)
 run = run_py
@@ -212,9 +212,7 @@ def test_predict_needs_the_workdir_alone_not_the_dataset(trained, tmp_path):
   with_data = run(*args, config=None)
   assert with_data.returncode == 0, with_data.stderr
   nowhere = tmp_path / 'no_data'
-  without = subprocess.run([sys.executable, '-c', WITHOUT_TF, *args], cwd=ROOT, timeout=600,
-                           capture_output=True, text=True,
-                           env={**os.environ, 'TFDS_DATA_DIR': str(nowhere)})
+  without = run(*args, config=None, without_tf=True, env={'TFDS_DATA_DIR': str(nowhere)})
   assert without.returncode == 0, without.stderr[-3000:]
   lines = lambda result: result.stdout.strip().splitlines()[-3:]
   assert lines(without) == lines(with_data) and lines(with_data)[0].startswith(f'{paths[0]}: ')
