@@ -2,8 +2,8 @@
 
 predict(workdir, images) is the same from Python. Each image is read with Pillow,
 converted to the dataset's channels (RGB or grayscale), resized to the dataset's
-image size when it differs (bilinear, as the seed's inference resizes to 32x32),
-then given the recipe's evaluation preprocessing and model (EMA weights when the
+image size when it differs (Lanczos: Pillow's ANTIALIAS, with which seed 004's inference
+resizes to 32x32), then given the recipe's evaluation preprocessing and model (EMA weights when the
 recipe keeps them).
 """
 import os
@@ -26,7 +26,7 @@ def load_image(path, size, channels):
     with Image.open(path) as image:
       image = image.convert('RGB' if channels == 3 else 'L')
       if image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
       pixels = np.asarray(image, dtype=np.uint8)
   except FileNotFoundError:
     raise UserError(f'image {path!r} does not exist') from None

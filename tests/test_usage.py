@@ -277,17 +277,26 @@ def test_predict_runs_in_eval_batches_and_gets_what_one_batch_gets(trained):
   assert calls == [3, 3, 3]
 
 
-def test_predict_converts_grayscale_and_resizes(trained, tmp_path):
-  gray = tmp_path / 'big-gray.jpg'
-  Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(gray)
+def test_predict_converts_grayscale_and_resizes_with_the_seeds_lanczos_filter(trained, tmp_path):
+  # A gray 64x48 picture with detail at every scale, so that resampling filters differ.
+  gray = tmp_path / 'big-gray.png'
+  rng = np.random.default_rng(0)
+  ramp = np.tile(np.arange(64, dtype=np.uint8) * 2, (48, 1))
+  Image.fromarray(ramp + rng.integers(0, 128, (48, 64), dtype=np.uint8)).save(gray)
   (top,) = predict.predict(str(trained[0]), [str(gray)], k=10)
   assert len(top) == 10 and sum(p for _, p in top) == pytest.approx(1.0, abs=1e-4)
-  # ... as the same picture given as a 32x32 RGB image: gray in all three channels.
-  rgb = np.asarray(Image.open(gray).convert('RGB').resize((32, 32), Image.Resampling.BILINEAR))
+  # ... as the same picture given as a 32x32 RGB image (gray in all three channels) resized
+  # as seed 004's inference does, `im.resize((32, 32), Image.ANTIALIAS)`: Lanczos.
   predictor = predict.Predictor(str(trained[0]))
-  (expected,) = predictor.top_k(rgb[None], k=10)
+  def given_as(resample):
+    rgb = np.asarray(Image.open(gray).convert('RGB').resize((32, 32), resample))
+    (top,) = predictor.top_k(rgb[None], k=10)
+    return top
+  expected = given_as(Image.Resampling.LANCZOS)
   assert [name for name, _ in top] == [name for name, _ in expected]
   assert [p for _, p in top] == pytest.approx([p for _, p in expected], abs=1e-6)
+  assert [p for _, p in top] != pytest.approx([p for _, p in given_as(Image.Resampling.BILINEAR)],
+                                              abs=1e-6)  # the filter shows in the result
 
 
 def test_progress_bar_on_a_terminal_lines_otherwise(tmp_path):
