@@ -8,8 +8,6 @@ import re
 import select
 import shutil
 import struct
-import subprocess
-import sys
 import termios
 import time
 
@@ -303,9 +301,9 @@ def test_progress_bar_on_a_terminal_lines_otherwise(tmp_path):
   controller, terminal = pty.openpty()
   # A terminal 100 columns wide (a new pty is 0 x 0, where the bar has no room).
   fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))
-  command = [sys.executable, 'run.py', '--config', 'configs/cifar_lrn.py', '--workdir',
-             str(tmp_path), *as_flags(dict(SMALL, num_train_steps=4, eval_every=0))]
-  process = subprocess.Popen(command, cwd=ROOT, stdout=terminal, stderr=terminal)
+  process = run('--workdir', str(tmp_path), *as_flags(dict(SMALL, num_train_steps=4,
+                                                           eval_every=0)),
+                wait=False, stdout=terminal, stderr=terminal)
   os.close(terminal)
   output, deadline = b'', time.monotonic() + 600
   while True:
