@@ -2,9 +2,9 @@
 
 predict(workdir, images) is the same from Python. Each image is read with Pillow,
 converted to the dataset's channels (RGB or grayscale), resized to the dataset's
-image size when it differs (Lanczos: Pillow's ANTIALIAS, with which seed 004's inference
-resizes to 32x32), then given the recipe's evaluation preprocessing and model (EMA weights when the
-recipe keeps them).
+image size when it differs (Lanczos: Pillow's ANTIALIAS, with which seed 004's
+inference resizes to 32x32), then given the recipe's evaluation preprocessing and
+model (EMA weights when the recipe keeps them).
 """
 import os
 
