@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cnnjax import bench, cpu, kernel_choice, kernels, ops
-from tests.conftest import ROOT, recipe_config, run_code, small_config, unset_env
+from tests.conftest import ROOT, child_env, recipe_config, run_code, small_config, unset_env
 
 MACHINE = 'test machine'
 
@@ -304,8 +304,8 @@ def test_tf_fidelity_holds_on_the_avx2_paths():
   """The TF op tests again in a process capped at AVX2: oneDNN's AVX2 kernels, and XLA's
   LRN where oneDNN has only its reference one (on an AVX2 machine: its native paths)."""
   onednn, xla = cpu.ISA_CAPS['avx2']
-  env = dict(os.environ, ONEDNN_MAX_CPU_ISA=onednn,
-             XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_max_isa={xla}')
+  env = child_env({'ONEDNN_MAX_CPU_ISA': onednn,
+                   'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_max_isa={xla}'})
   result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
                            'tests/test_ops.py', '-k', 'matches_tf or like_tf'],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

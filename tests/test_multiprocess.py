@@ -1,6 +1,5 @@
 """Two local processes joined by jax.distributed on 127.0.0.1, against one process."""
 import json
-import os
 import re
 import signal
 import socket
@@ -159,7 +158,7 @@ for i in range(int(sys.argv[2])):
 
 def test_processes_starting_together_prepare_one_workdir(tmp_path):
   """Two processes preparing the same fresh workdirs at once, 200 times in a row."""
-  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+  env = child_env({'PYTHONPATH': str(ROOT)})
   start = str(time.time() + 20)  # after both have imported cnnjax
   procs = [subprocess.Popen([sys.executable, '-c', PREPARE, str(tmp_path), '200', start],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
